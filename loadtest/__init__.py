@@ -1,0 +1,1 @@
+"""drope-server: loadtest (see README)."""

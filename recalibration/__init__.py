@@ -1,0 +1,1 @@
+"""drope-server: recalibration (see README)."""

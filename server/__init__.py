@@ -1,0 +1,1 @@
+"""drope-server: server (see README)."""
