@@ -44,13 +44,26 @@ def query_scale(
     raise ValueError(f"unknown beta mode {mode!r}")
 
 
+def query_scale_table(n_positions: int, train_context: int, coef: float, mode: str = "log") -> torch.Tensor:
+    """beta for positions 0 .. n-1: [n] float32, on the default device.
+
+    The vLLM path indexes this table with each step's positions, as RoPE indexes
+    its cos/sin cache: one gather per layer instead of recomputing a log.
+    """
+    return query_scale(torch.arange(n_positions), train_context, coef, mode)
+
+
+def apply_query_scale(q: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    """q * beta in float32, broadcasting beta over q's trailing dims; keeps q's dtype.
+
+    q: [*beta.shape, ...] - vLLM: q [T, H*D], beta [T]; HF: q [B, S, H*D], beta [B, S].
+    """
+    beta = beta.reshape(*beta.shape, *([1] * (q.dim() - beta.dim())))
+    return (q.to(torch.float32) * beta).to(q.dtype)
+
+
 def scale_queries(
     q: torch.Tensor, positions: torch.Tensor, train_context: int, coef: float, mode: str
 ) -> torch.Tensor:
-    """q * beta(p), broadcasting beta over the trailing head dims; keeps q's dtype.
-
-    q: [*positions.shape, ...] - vLLM passes [T, H*D] with positions [T].
-    """
-    beta = query_scale(positions, train_context, coef, mode)
-    beta = beta.reshape(*beta.shape, *([1] * (q.dim() - beta.dim())))
-    return (q.to(torch.float32) * beta).to(q.dtype)
+    """q * beta(positions): the direct form the transformers reference uses."""
+    return apply_query_scale(q, query_scale(positions, train_context, coef, mode))

@@ -9,17 +9,18 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 
 import torch
-from vllm.config import VllmConfig
+from vllm.config import VllmConfig, get_current_vllm_config_or_none
 from vllm.model_executor.models.llama import (
     LlamaAttention,
     LlamaDecoderLayer,
     LlamaForCausalLM,
 )
 
-from .beta import scale_queries
+from .beta import apply_query_scale, query_scale_table
 from .config import DropeConfig, DropeConfigError
 from .layers import FullWidthRMSNorm
 
@@ -32,6 +33,10 @@ class DroPELlamaAttention(LlamaAttention):
         eps = config.rms_norm_eps
         self.q_norm = FullWidthRMSNorm(self.total_num_heads, self.head_dim, eps) if d.q_norm else None
         self.k_norm = FullWidthRMSNorm(self.total_num_kv_heads, self.head_dim, eps) if d.k_norm else None
+        if d.scales_queries:
+            vllm_config = get_current_vllm_config_or_none()
+            n = max(self.max_position_embeddings, vllm_config.model_config.max_model_len if vllm_config else 0)
+            self.register_buffer("beta_table", _beta_table(n, d), persistent=False)  # [n] float32
 
     def _init_rotary_emb(self, config, quant_config) -> None:
         # Upstream calls this after setting self.scaling and before building
@@ -51,10 +56,21 @@ class DroPELlamaAttention(LlamaAttention):
             k = self.k_norm(k)
         d = self.drope
         if d.scales_queries:  # static per model: no branch in the compiled graph
-            q = scale_queries(q, positions, d.train_context, d.beta_coef, d.beta_mode)
+            q = apply_query_scale(q, self.beta_table[positions])
         attn_output = self.attn(q, k, v)
         output, _ = self.o_proj(attn_output)
         return output
+
+
+@functools.lru_cache(maxsize=8)
+def _beta_table_cached(n: int, drope: DropeConfig, device: str) -> torch.Tensor:
+    return query_scale_table(n, drope.train_context, drope.beta_coef, drope.beta_mode)
+
+
+def _beta_table(n: int, drope: DropeConfig) -> torch.Tensor:
+    # One table shared by all layers (vLLM builds the model under the target
+    # default device, so the table lands where the layers do).
+    return _beta_table_cached(n, drope, str(torch.get_default_device()))
 
 
 class DroPELlamaDecoderLayer(LlamaDecoderLayer):

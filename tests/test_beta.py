@@ -72,3 +72,11 @@ def test_none_mode_and_bad_mode():
 def test_scalar_form_matches_tensor_form():
     for s in (0.5, 1.0, 2.0, 8.0):
         assert beta_of_s(s, 0.412) == pytest.approx(query_scale(torch.tensor([s * L - 1]), L, 0.412).item(), rel=1e-6)
+
+
+def test_table_lookup_equals_direct_formula():
+    from model_patches.beta import query_scale_table
+
+    table = query_scale_table(8 * 64, 64, 0.3, "log")
+    p = torch.tensor([0, 63, 64, 200, 8 * 64 - 1])
+    assert torch.equal(table[p], query_scale(p, 64, 0.3, "log"))
