@@ -1,1 +1,3 @@
-"""drope-server: server (see README)."""
+"""drope-server: OpenAI-compatible HTTP serving of DroPE (and plain RoPE) models on vLLM."""
+
+__version__ = "0.1.0"
