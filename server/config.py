@@ -158,9 +158,10 @@ def engine_kwargs(cfg: ServerConfig, model: ResolvedModel) -> dict[str, Any]:
         max_num_seqs=cfg.max_num_seqs,
         enable_prefix_caching=cfg.enable_prefix_caching,
         enforce_eager=cfg.enforce_eager,
-        hf_overrides=model.hf_overrides or None,
         disable_log_stats=False,  # vLLM's own Prometheus metrics (vllm:*) feed /metrics
     )
+    if model.hf_overrides:
+        kw["hf_overrides"] = model.hf_overrides
     if cfg.kv_cache_memory_bytes is not None:
         kw["kv_cache_memory_bytes"] = cfg.kv_cache_memory_bytes
     return kw

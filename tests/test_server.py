@@ -33,20 +33,17 @@ KEY = "test-key-123"
 L = 64
 
 
-@pytest.fixture(scope="module")
-def server(tiny_checkpoint, tmp_path_factory):
-    ckpt = tiny_checkpoint("llama", DropeConfig(train_context=L, beta_coef=0.3, attention_type="qk_norm_nope"), seed=21)
+def launch(ckpt, log_dir, *args):
+    """Start `python -m server` on a free port; return (process, base URL, log file) once healthy."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    log = open(tmp_path_factory.mktemp("server") / "server.log", "w+")
+    log = open(log_dir / "server.log", "w+")
     env = dict(os.environ)
     env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # the async engine runs in its own process
     proc = subprocess.Popen(
-        [sys.executable, "-m", "server", "--model", str(ckpt), "--served-model-name", "tiny-drope",
-         "--port", str(port), "--dtype", "float32", "--kv-cache-memory", "64MiB", "--enforce-eager",
-         "--api-key", KEY, "--max-num-seqs", "2", "--max-queue", "1", "--max-body", "64KiB",
-         "--shutdown-grace", "5"],
+        [sys.executable, "-m", "server", "--model", str(ckpt), "--port", str(port), "--dtype", "float32",
+         "--kv-cache-memory", "64MiB", "--enforce-eager", *args],
         stdout=log, stderr=subprocess.STDOUT, env=env,
     )
     base = f"http://127.0.0.1:{port}"
@@ -57,13 +54,20 @@ def server(tiny_checkpoint, tmp_path_factory):
             pytest.fail(f"server exited with {proc.returncode}:\n{log.read()[-4000:]}")
         try:
             if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                break
+                return proc, base, log
         except httpx.HTTPError:
             pass
         time.sleep(0.5)
-    else:
-        proc.kill()
-        pytest.fail("server did not become healthy in 180 s")
+    proc.kill()
+    pytest.fail("server did not become healthy in 180 s")
+
+
+@pytest.fixture(scope="module")
+def server(tiny_checkpoint, tmp_path_factory):
+    ckpt = tiny_checkpoint("llama", DropeConfig(train_context=L, beta_coef=0.3, attention_type="qk_norm_nope"), seed=21)
+    proc, base, log = launch(ckpt, tmp_path_factory.mktemp("server"), "--served-model-name", "tiny-drope",
+                             "--api-key", KEY, "--max-num-seqs", "2", "--max-queue", "1", "--max-body", "64KiB",
+                             "--shutdown-grace", "5")
     yield {"base": base, "proc": proc, "ckpt": ckpt, "log": log}
     if proc.poll() is None:
         proc.kill()
@@ -253,3 +257,33 @@ def test_sigterm_shuts_down_cleanly(server):
     log = server["log"].read()
     assert "shutting down the engine" in log and "Finished server process" in log, log[-3000:]
     assert "Traceback" not in log, log[-3000:]
+
+
+def test_rope_parent_with_yarn_through_the_same_server(tiny_checkpoint, tmp_path):
+    """The A/B path: a plain Llama served by vLLM's own class with the user's YaRN scaling."""
+    from conftest import vllm_engine
+    from test_vllm_parity import vllm_run
+
+    ckpt = tiny_checkpoint("llama", None, seed=4, max_position_embeddings=128)
+    # transformers 5 convention: max_position_embeddings is the extended length.
+    yarn = {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128,
+                                "rope_theta": 10000.0}, "max_position_embeddings": 512}
+    proc, base, log = launch(ckpt, tmp_path, "--hf-overrides", json.dumps(yarn), "--max-model-len", "512")
+    try:
+        card = httpx.get(base + "/v1/models").json()["data"][0]
+        assert card["drope"] is None and card["max_model_len"] == 512
+        ids = prompt(400, seed=5)
+        r = httpx.post(base + "/v1/completions", json={"model": str(ckpt), "prompt": ids, "max_tokens": 8,
+                                                       "temperature": 0, "return_token_ids": True}, timeout=60)
+        assert r.status_code == 200, r.text
+        served = r.json()["choices"][0]["token_ids"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+    with vllm_engine(ckpt, max_model_len=512, hf_overrides=yarn) as llm:
+        (offline,) = vllm_run(llm, [ids], prompt_logprobs=False)
+    assert served == offline[1][:8]
+    # And YaRN really is in effect: without it the same prompt is refused (128-token model).
+    with pytest.raises(Exception, match="max_model_len|max_position_embeddings|maximum"):
+        with vllm_engine(ckpt, max_model_len=512):
+            pass
