@@ -9,6 +9,10 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
+import socket
+import subprocess
+import sys
+import time
 
 # Before anything imports vLLM: engine in-process (starts in ~2 s instead of
 # 15), no hub, no usage reporting. See shared/VLLM_CPU.md.
@@ -17,6 +21,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import httpx  # noqa: E402
 import pytest  # noqa: E402
 
 from model_patches.config import DropeConfig  # noqa: E402
@@ -62,3 +67,32 @@ def vllm_engine(model_dir, **kwargs):
         llm.llm_engine.engine_core.shutdown() if hasattr(llm.llm_engine, "engine_core") else None
         del llm
         gc.collect()
+
+
+def launch_server(ckpt, log_dir, *args):
+    """Start `python -m server` on a free port; return (process, base URL, log file) once healthy."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(log_dir / "server.log", "w+")
+    env = dict(os.environ)
+    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # the async engine runs in its own process
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "server", "--model", str(ckpt), "--port", str(port), "--dtype", "float32",
+         "--kv-cache-memory", "64MiB", "--enforce-eager", *args],
+        stdout=log, stderr=subprocess.STDOUT, env=env,
+    )
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            log.seek(0)
+            pytest.fail(f"server exited with {proc.returncode}:\n{log.read()[-4000:]}")
+        try:
+            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                return proc, base, log
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    pytest.fail("server did not become healthy in 180 s")

@@ -12,17 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 
 import httpx
 import openai
 import pytest
 import torch
+from conftest import launch_server as launch
 from prometheus_client.parser import text_string_to_metric_families
 from test_vllm_parity import prompt, reference_run
 
@@ -31,35 +28,6 @@ from model_patches.reference import load_reference
 
 KEY = "test-key-123"
 L = 64
-
-
-def launch(ckpt, log_dir, *args):
-    """Start `python -m server` on a free port; return (process, base URL, log file) once healthy."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = open(log_dir / "server.log", "w+")
-    env = dict(os.environ)
-    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # the async engine runs in its own process
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "server", "--model", str(ckpt), "--port", str(port), "--dtype", "float32",
-         "--kv-cache-memory", "64MiB", "--enforce-eager", *args],
-        stdout=log, stderr=subprocess.STDOUT, env=env,
-    )
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            log.seek(0)
-            pytest.fail(f"server exited with {proc.returncode}:\n{log.read()[-4000:]}")
-        try:
-            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                return proc, base, log
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    pytest.fail("server did not become healthy in 180 s")
 
 
 @pytest.fixture(scope="module")
