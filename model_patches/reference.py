@@ -186,3 +186,16 @@ def load_reference(path: Any, *, dtype: torch.dtype = torch.float32, **config_ov
     for key, value in config_overrides.items():
         setattr(config, key, value)
     return AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype).eval()
+
+
+def set_beta(model: nn.Module, coef: float | None = None, mode: str | None = None) -> DropeConfig:
+    """Change beta in place on every DroPE attention layer (fit_beta sweeps c without reloading)."""
+    new = None
+    for module in model.modules():
+        if isinstance(module, DroPEAttentionMixin):
+            module.drope = module.drope.with_overrides(beta_coef=coef, beta_mode=mode)
+            new = module.drope
+    if new is None:
+        raise TypeError(f"{type(model).__name__} has no DroPE attention layers")
+    model.config.drope_beta_coef, model.config.drope_beta_mode = new.beta_coef, new.beta_mode
+    return new

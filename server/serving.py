@@ -57,12 +57,16 @@ class Serving:
                                 f"prompt, {max_tokens} for the completion). Please reduce the prompt or max_tokens.",
                            param="max_tokens", code="context_length_exceeded")
         stop = [req.stop] if isinstance(req.stop, str) else req.stop
-        return SamplingParams(
-            n=req.n, max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
-            seed=req.seed, stop=stop, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
-            presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty, ignore_eos=req.ignore_eos,
-            output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY,
-        )
+        try:
+            return SamplingParams(
+                n=req.n, max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
+                seed=req.seed, stop=stop, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+                presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
+                ignore_eos=req.ignore_eos,
+                output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY,
+            )
+        except ValueError as e:  # vLLM's own checks (e.g. top_k == 0): the client's fault, not a 500
+            raise ApiError(400, f"invalid sampling parameters: {e}", code="invalid_value") from None
 
     def tokenize_text(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
@@ -110,7 +114,10 @@ class Serving:
 
     async def _start(self, ids, params, request_id, raw_request, stream) -> tuple[Any, AsyncIterator[Any]]:
         gen = self._generate(ids, params, request_id, raw_request, stream)
-        first = await gen.__anext__()
+        try:
+            first = await gen.__anext__()
+        except (ValueError, TypeError) as e:  # vLLM's input processing rejected the request
+            raise ApiError(400, f"the engine rejected the request: {e}", code="invalid_value") from None
         return first, gen
 
     async def _watch_disconnect(self, raw_request: Any, request_id: str) -> None:

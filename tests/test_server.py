@@ -136,6 +136,10 @@ def test_error_envelopes_and_server_stays_healthy(server, client):
         (lambda: post(server, "/v1/completions", {"model": "tiny-drope", "prompt": "x", "max_tokens": "many"}), 400, "max_tokens"),
         (lambda: post(server, "/v1/completions", {"model": "tiny-drope", "prompt": "x", "temperature": -1}), 400, "temperature"),
         (lambda: post(server, "/v1/completions", {"model": "tiny-drope", "prompt": [5, 10**9]}), 400, "out of range"),
+        (lambda: post(server, "/v1/completions", {"model": "tiny-drope", "prompt": "x", "top_k": 0}), 400, "top_k"),
+        (lambda: post(server, "/v1/completions", {"model": "tiny-drope", "prompt": ""}), 400, "empty"),
+        (lambda: post(server, "/v1/completions", {"model": "tiny-drope", "prompt": "x", "echo": True, "stream": True}),
+         400, "echo"),
         (lambda: post(server, "/v1/chat/completions", {"model": "tiny-drope", "messages": []}), 400, "messages"),
         (lambda: post(server, "/v1/completions", {"model": "gpt-4", "prompt": "x"}), 404, "does not exist"),
         (lambda: post(server, "/v1/completions", {"model": "tiny-drope", "prompt": "x"}, key=None), 401, "API key"),
@@ -149,6 +153,25 @@ def test_error_envelopes_and_server_stays_healthy(server, client):
         err = r.json()["error"]
         assert text in err["message"] and set(err) == {"message", "type", "param", "code"}
         assert_healthy(client)
+
+
+def test_no_client_input_produces_a_500(server, client):
+    """Every field of both endpoints, set to values of every wrong kind: 200 or a 4xx, never a 500."""
+    odd = [None, -1, 0, 10**12, 1e308, -0.5, "text", "", [], [1, -2], {}, {"a": 1}, True]
+    templates = {
+        "/v1/completions": {"model": "tiny-drope", "prompt": "hi", "max_tokens": 4},
+        "/v1/chat/completions": {"model": "tiny-drope", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4},
+    }
+    fields = ["model", "prompt", "messages", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "n",
+              "logprobs", "top_logprobs", "echo", "stream", "stream_options", "presence_penalty", "ignore_eos"]
+    for path, template in templates.items():
+        for field in fields:
+            for value in odd:
+                r = post(server, path, {**template, field: value})
+                assert r.status_code < 500, (path, field, value, r.text[:300])
+                if r.status_code != 200:
+                    assert "error" in r.json()
+    assert_healthy(client)
 
 
 def test_api_key_required_on_v1_but_not_on_health(server, client):

@@ -1,0 +1,206 @@
+"""Recalibration config: typed dataclasses validated on construction, presets as plain functions.
+
+A run is fully described by one ``RecalibConfig``; ``run.py`` saves it as
+``recalib_config.json`` beside the outputs, and ``--resume`` refuses an output
+directory whose saved config describes a different run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Callable
+
+from model_patches.config import ATTENTION_TYPES
+
+
+class RecalibConfigError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = ""
+    """Local .txt file or directory of .txt/.md files, .jsonl (a 'text' field), .parquet, or a HF datasets name."""
+    text_field: str = "text"
+    split: str = "train"
+    heldout_docs: int = 2
+    """The last documents of a local source (or the first N of a hub stream) are held out for evaluation."""
+    shuffle_buffer: int = 0
+    """Documents shuffled within a seeded buffer of this many (0: file order)."""
+
+    def __post_init__(self) -> None:
+        if not self.source:
+            raise RecalibConfigError("data.source is required: a text/jsonl/parquet path or a datasets name")
+        if self.heldout_docs < 1:
+            raise RecalibConfigError("data.heldout_docs must be >= 1 (perplexity needs held-out text)")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float | None = None
+    """Peak learning rate; None: the paper's default, 1e-3 with QK-norm, 3e-4 without."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.1
+    warmup_ratio: float = 0.05
+    schedule: str = "cosine"
+    grad_clip: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
+            raise RecalibConfigError(f"optim.lr must be positive, got {self.lr}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise RecalibConfigError(f"optim.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.schedule not in ("cosine", "linear", "constant_with_warmup"):
+            raise RecalibConfigError(f"optim.schedule {self.schedule!r}: cosine, linear or constant_with_warmup")
+
+
+@dataclass(frozen=True)
+class RecalibConfig:
+    base: str = ""
+    """Pretrained RoPE checkpoint: local directory or hub id (or an already-converted DroPE checkpoint)."""
+    output_dir: str = ""
+    attention_type: str = "nope"
+    seq_len: int | None = None
+    """Training sequence length; None: the base model's training context (max_position_embeddings)."""
+    max_steps: int | None = None
+    token_budget: int | None = None
+    """Alternative to max_steps: tokens to train on (steps = budget / tokens per step)."""
+    micro_batch: int = 1
+    grad_accum: int = 1
+    precision: str = "auto"
+    """auto (bf16 on GPU, fp32 on CPU), fp32 or bf16."""
+    seed: int = 0
+    save_every: int = 50
+    """Checkpoint interval in optimizer steps."""
+    save_total_limit: int = 2
+    eval_every: int = 0
+    """Held-out loss every N steps (0: only at the end)."""
+    eval_batches: int = 4
+    log_every: int = 10
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+    def __post_init__(self) -> None:
+        if not self.base:
+            raise RecalibConfigError("base is required: a RoPE checkpoint directory or hub id")
+        if not self.output_dir:
+            raise RecalibConfigError("output_dir is required")
+        if self.attention_type not in ATTENTION_TYPES:
+            raise RecalibConfigError(f"unknown attention type {self.attention_type!r}; expected one of {', '.join(ATTENTION_TYPES)}")
+        if (self.max_steps is None) == (self.token_budget is None):
+            raise RecalibConfigError("give exactly one of max_steps or token_budget")
+        for name in ("micro_batch", "grad_accum", "save_every", "eval_batches", "log_every"):
+            if getattr(self, name) < 1:
+                raise RecalibConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.seq_len is not None and self.seq_len < 8:
+            raise RecalibConfigError(f"seq_len must be >= 8, got {self.seq_len}")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise RecalibConfigError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
+
+    @property
+    def qk_norm(self) -> bool:
+        return self.attention_type != "nope"
+
+    @property
+    def lr(self) -> float:
+        return self.optim.lr if self.optim.lr is not None else (1e-3 if self.qk_norm else 3e-4)
+
+    def steps(self, seq_len: int) -> int:
+        if self.max_steps is not None:
+            return self.max_steps
+        per_step = seq_len * self.micro_batch * self.grad_accum
+        return max(1, self.token_budget // per_step)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(self.to_dict(), indent=2))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "RecalibConfig":
+        d = dict(d)
+        data = DataConfig(**d.pop("data", {}))
+        optim = d.pop("optim", {})
+        if "betas" in optim:
+            optim = {**optim, "betas": tuple(optim["betas"])}
+        return cls(**d, data=data, optim=OptimConfig(**optim))
+
+    def with_overrides(self, overrides: dict[str, Any]) -> "RecalibConfig":
+        """Dotted keys: {"optim.lr": 1e-4, "data.source": "x.txt", "max_steps": 10}."""
+        top, sub = {}, {"data": {}, "optim": {}}
+        for k, v in overrides.items():
+            if v is None:
+                continue
+            head, _, rest = k.partition(".")
+            if rest:
+                if head not in sub or rest not in {f.name for f in fields(DataConfig if head == "data" else OptimConfig)}:
+                    raise RecalibConfigError(f"unknown setting {k!r}")
+                sub[head][rest] = v
+            else:
+                if k not in {f.name for f in fields(RecalibConfig)}:
+                    raise RecalibConfigError(f"unknown setting {k!r}")
+                top[k] = v
+        # Validation of every field runs again in the constructors.
+        d = self.to_dict()
+        d.update(top)
+        d["data"] = {**d["data"], **sub["data"]}
+        d["optim"] = {**d["optim"], **sub["optim"]}
+        if top.get("max_steps") is not None and "token_budget" not in top:
+            d["token_budget"] = None
+        if top.get("token_budget") is not None and "max_steps" not in top:
+            d["max_steps"] = None
+        return RecalibConfig.from_dict(d)
+
+
+# ---------------- presets: plain functions returning a config ----------------
+
+def tiny(output_dir: str = "runs/tiny", base: str = "", source: str = "") -> RecalibConfig:
+    """CPU, minutes: a small random RoPE Llama (built on the fly when base is empty) on real prose."""
+    return RecalibConfig(base=base or "tiny", output_dir=output_dir, attention_type="nope", seq_len=128,
+                         max_steps=60, micro_batch=4, grad_accum=1, precision="fp32", save_every=20, eval_every=20,
+                         log_every=5, data=DataConfig(source=source or "builtin:essays"),
+                         optim=OptimConfig(lr=1e-3, warmup_ratio=0.1))
+
+
+def smollm2_135m(output_dir: str = "runs/smollm2-135m", base: str = "", source: str = "") -> RecalibConfig:
+    """CPU-feasible, hours: the packaged SmolLM2-135M at 512 tokens (measured: ~4 s a step on 2 cores)."""
+    return RecalibConfig(base=base or "smollm2-135m-instruct", output_dir=output_dir, attention_type="nope",
+                         seq_len=512, max_steps=200, micro_batch=2, grad_accum=1, precision="fp32", save_every=25,
+                         eval_every=50, data=DataConfig(source=source or "builtin:essays"),
+                         optim=OptimConfig(lr=3e-4, warmup_ratio=0.05))
+
+
+def smollm_360m_gpu(output_dir: str = "runs/smollm-360m-drope", base: str = "", source: str = "") -> RecalibConfig:
+    """GPU, paper-like: SmolLM-360M, QK-norm, L=2048, ~2B tokens (~3% of its 600B pretraining), lr 1e-3."""
+    return RecalibConfig(base=base or "HuggingFaceTB/SmolLM-360M", output_dir=output_dir,
+                         attention_type="qk_norm_nope", seq_len=2048, token_budget=2_000_000_000, micro_batch=16,
+                         grad_accum=4, precision="bf16", save_every=500, eval_every=500,
+                         data=DataConfig(source=source or "HuggingFaceFW/fineweb-edu", shuffle_buffer=10_000),
+                         optim=OptimConfig(lr=1e-3, warmup_ratio=0.01))
+
+
+def llama2_7b_gpu(output_dir: str = "runs/llama2-7b-drope", base: str = "", source: str = "") -> RecalibConfig:
+    """Multi-GPU (FSDP), paper-like: Llama-2-7B, QK-norm, L=4096, ~20B tokens (~1% of 2T), lr 1e-3."""
+    return RecalibConfig(base=base or "meta-llama/Llama-2-7b-hf", output_dir=output_dir,
+                         attention_type="qk_norm_nope", seq_len=4096, token_budget=20_000_000_000, micro_batch=2,
+                         grad_accum=8, precision="bf16", save_every=500, eval_every=1000,
+                         data=DataConfig(source=source or "HuggingFaceFW/fineweb-edu", shuffle_buffer=10_000),
+                         optim=OptimConfig(lr=1e-3, warmup_ratio=0.01))
+
+
+PRESETS: dict[str, Callable[..., RecalibConfig]] = {
+    "tiny": tiny, "smollm2-135m": smollm2_135m, "smollm-360m-gpu": smollm_360m_gpu, "llama2-7b-gpu": llama2_7b_gpu,
+}
+
+
+def preset(name: str, **kw: Any) -> RecalibConfig:
+    if name not in PRESETS:
+        raise RecalibConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return PRESETS[name](**kw)
+
+
+__all__ = ["RecalibConfig", "DataConfig", "OptimConfig", "RecalibConfigError", "PRESETS", "preset", "replace"]

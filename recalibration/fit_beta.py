@@ -1,0 +1,140 @@
+"""Fit the DroPE logit-scale coefficient c by held-out perplexity at longer-than-training lengths.
+
+    python -m recalibration.fit_beta CKPT --data SOURCE [--lengths 2x,4x] [--coefs 0,0.05,...] [--no-write]
+
+For each target length (multiples of the checkpoint's L_train, or token counts)
+and each c on a 1-D grid, held-out perplexity is measured over up to --windows
+windows of that length. One c serves the model at every length, so the pick is
+the c with the lowest *mean log-perplexity across the requested lengths* (each
+length weighted equally; a log so that no length dominates by its scale). The
+grid is refined once around the best point. The c is written into CKPT's
+config.json (drope_beta_coef) unless --no-write; the table (JSON) and a plot of
+perplexity vs c per length (PNG) are saved in --out-dir (default: CKPT/fit_beta).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+DEFAULT_COEFS = "0,0.05,0.1,0.15,0.2,0.3,0.4,0.5,0.6"
+
+
+def fit(ckpt: str | Path, source: str, lengths: str = "2x,4x", coefs: list[float] | None = None,
+        windows: int = 4, heldout_docs: int = 2, refine: bool = True, log=print) -> dict[str, Any]:
+    import torch
+    from transformers import AutoTokenizer
+
+    from model_patches.config import DropeConfig
+    from model_patches.reference import load_reference, set_beta
+
+    from .config import DataConfig
+    from .data import heldout_tokens
+    from .perplexity import parse_lengths, perplexity
+
+    drope = DropeConfig.from_pretrained(ckpt)
+    lens = parse_lengths(lengths, drope.train_context)
+    tokens = heldout_tokens(DataConfig(source=source, heldout_docs=heldout_docs), AutoTokenizer.from_pretrained(ckpt))
+    if len(tokens) < max(lens):
+        raise ValueError(f"held-out text has {len(tokens)} tokens, fewer than the longest length {max(lens)}; "
+                         "hold out more documents (--heldout-docs)")
+    model = load_reference(ckpt, dtype=torch.float32)
+    grid = sorted(set(coefs if coefs is not None else [float(x) for x in DEFAULT_COEFS.split(",")]))
+    table: dict[float, dict[int, float]] = {}
+
+    def measure(c: float) -> None:
+        set_beta(model, coef=c, mode="log" if drope.beta_mode == "none" else drope.beta_mode)
+        table[c] = {L: perplexity(model, tokens, L, windows) for L in lens}
+        log(f"c={c:.3f}  " + "  ".join(f"ppl@{L}={p:.3f}" for L, p in table[c].items()))
+
+    for c in grid:
+        measure(c)
+
+    def score(c: float) -> float:
+        return sum(math.log(table[c][L]) for L in lens) / len(lens)
+
+    best = min(table, key=score)
+    if refine and len(grid) > 1:
+        i = grid.index(best)
+        lo, hi = grid[max(i - 1, 0)], grid[min(i + 1, len(grid) - 1)]
+        for c in (round((lo + best) / 2, 4), round((best + hi) / 2, 4)):
+            if c not in table:
+                measure(c)
+        best = min(table, key=score)
+    return {"checkpoint": str(ckpt), "train_context": drope.train_context, "lengths": lens, "best_coef": best,
+            "criterion": "min over c of mean_L log ppl(L, c)",
+            "table": {f"{c:g}": {str(L): p for L, p in v.items()} for c, v in sorted(table.items())},
+            "score": {f"{c:g}": score(c) for c in sorted(table)}}
+
+
+def write_coef(ckpt: str | Path, coef: float) -> None:
+    path = Path(ckpt) / "config.json"
+    cfg = json.loads(path.read_text())
+    cfg["drope_beta_coef"] = coef
+    cfg.setdefault("drope_beta_mode", "log")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".config.")
+    with os.fdopen(fd, "w") as f:
+        json.dump(cfg, f, indent=2)
+    os.replace(tmp, path)  # never a half-written config.json
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    coefs = sorted(float(c) for c in result["table"])
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for L in result["lengths"]:
+        ax.plot(coefs, [result["table"][f"{c:g}"][str(L)] for c in coefs], marker="o",
+                label=f"{L} tokens ({L / result['train_context']:g}x)")
+    ax.axvline(result["best_coef"], color="grey", linestyle="--", label=f"chosen c = {result['best_coef']:g}")
+    ax.set_xlabel("c in beta = 1 + c ln(s)")
+    ax.set_ylabel("held-out perplexity")
+    ax.set_title(Path(result["checkpoint"]).name)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m recalibration.fit_beta", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", help="DroPE checkpoint directory")
+    p.add_argument("--data", required=True, help="held-out text source (same forms as recalibration.run --data)")
+    p.add_argument("--lengths", default="2x,4x", help="target lengths: multiples of L_train (2x) or tokens (default: 2x,4x)")
+    p.add_argument("--coefs", default=DEFAULT_COEFS, help=f"grid of c (default: {DEFAULT_COEFS})")
+    p.add_argument("--windows", type=int, default=4, help="windows per length (default: 4)")
+    p.add_argument("--heldout-docs", type=int, default=2, help="documents held out at the start of the source (default: 2)")
+    p.add_argument("--no-refine", action="store_true", help="no second pass around the best c")
+    p.add_argument("--no-write", action="store_true", help="do not write the fitted c into config.json")
+    p.add_argument("--out-dir", default=None, help="table and plot (default: CHECKPOINT/fit_beta)")
+    args = p.parse_args(argv)
+    try:
+        result = fit(args.checkpoint, args.data, args.lengths, [float(x) for x in args.coefs.split(",")],
+                     args.windows, args.heldout_docs, not args.no_refine)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"recalibration.fit_beta: error: {e}", file=sys.stderr)
+        return 2
+    out = Path(args.out_dir or Path(args.checkpoint) / "fit_beta")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "fit_beta.json").write_text(json.dumps(result, indent=2))
+    plot(result, out / "fit_beta.png")
+    if not args.no_write:
+        write_coef(args.checkpoint, result["best_coef"])
+    print(f"best c = {result['best_coef']:g} ({result['criterion']}); "
+          f"{'written to' if not args.no_write else 'not written to'} {Path(args.checkpoint) / 'config.json'}; "
+          f"table and plot in {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

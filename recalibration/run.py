@@ -1,0 +1,265 @@
+"""Recalibrate a pretrained RoPE model into a DroPE checkpoint the server loads as is.
+
+    python -m recalibration.run --preset tiny                                  # CPU, minutes
+    python -m recalibration.run --preset smollm2-135m --max-steps 400          # CPU, hours
+    python -m recalibration.run --preset tiny --resume                         # continue after a crash
+    accelerate launch --config_file recalibration/fsdp.yaml -m recalibration.run --preset llama2-7b-gpu
+
+Steps: convert the base checkpoint (RoPE removed, QK-norm weights at 1 if the
+variant has them), train the transformers reference model at the base's own
+context length with AdamW + warmup + cosine decay, checkpoint atomically every
+--save-every steps, evaluate held-out loss, and write <output>/final: a DroPE
+checkpoint with tokenizer that ``drope-server --model <output>/final`` serves.
+Fit beta afterwards with ``python -m recalibration.fit_beta <output>/final``.
+
+Any config field can be set with --set key=value (dotted for data.* and optim.*),
+or from a JSON file with --config; the resolved config is saved as
+<output>/recalib_config.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+from .config import PRESETS, RecalibConfig, RecalibConfigError, preset
+
+log = logging.getLogger("drope.recalib")
+CONFIG_NAME = "recalib_config.json"
+
+
+def resolve_base(base: str) -> Path:
+    """A local directory, the packaged SmolLM2, a tiny random model, or a hub id (downloaded)."""
+    if base == "tiny":
+        from model_patches.assets import cache_root
+        from model_patches.tiny import build_tiny_checkpoint
+
+        d = cache_root() / "tiny-rope-base"  # seeded: the same model every time
+        if not (d / "config.json").exists():
+            build_tiny_checkpoint(d, "llama", hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2,
+                                  max_position_embeddings=128, seed=0)
+        return d
+    if base == "smollm2-135m-instruct":
+        from model_patches.assets import smollm2_hf_dir
+
+        return smollm2_hf_dir()
+    if Path(base).expanduser().is_dir():
+        return Path(base).expanduser()
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(base, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]))
+    except Exception as e:
+        raise RecalibConfigError(f"base {base!r} is not a local directory and could not be downloaded: {e}") from None
+
+
+def prepare_output(cfg: RecalibConfig, resume: bool, overwrite: bool) -> Path:
+    out = Path(cfg.output_dir)
+    saved = out / CONFIG_NAME
+    if resume:
+        if not saved.exists():
+            raise RecalibConfigError(f"--resume: {out} holds no run ({CONFIG_NAME} missing)")
+        old = RecalibConfig.from_dict(json.loads(saved.read_text()))
+        if _identity(old) != _identity(cfg):
+            raise RecalibConfigError(f"--resume: {out} holds a different run; its config is {saved}")
+        return out
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            if not saved.exists():
+                what = "other files"
+            elif _identity(RecalibConfig.from_dict(json.loads(saved.read_text()))) == _identity(cfg):
+                what = "this run"
+            else:
+                what = "a different run"
+            raise RecalibConfigError(f"{out} already holds {what}; pass --resume to continue it or --overwrite to replace it")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _identity(cfg: RecalibConfig) -> dict[str, Any]:
+    # What must match to continue a run: everything but the length of training.
+    d = cfg.to_dict()
+    for k in ("max_steps", "token_budget", "save_every", "save_total_limit", "eval_every", "log_every"):
+        d.pop(k)
+    return d
+
+
+def train(cfg: RecalibConfig, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
+    import torch
+    from transformers import AutoTokenizer, TrainingArguments, set_seed
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from model_patches.config import DropeConfig, is_drope_config, read_config_json
+    from model_patches.convert import convert
+    from model_patches.reference import load_reference
+
+    from .data import PackedTrainData, check_data, heldout_tokens, pack
+    from .trainer import AtomicCheckpointTrainer, ProgressLog
+
+    # Everything that can be wrong with the inputs is checked before the output directory is touched.
+    base = resolve_base(cfg.base)
+    base_cfg = read_config_json(base)
+    seq_len = cfg.seq_len or (DropeConfig.from_hf_config(base_cfg).train_context if is_drope_config(base_cfg)
+                              else base_cfg.get("max_position_embeddings"))
+    if not seq_len:
+        raise RecalibConfigError(f"{base} states no context length; pass --seq-len")
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    data_info = check_data(cfg.data, tokenizer, seq_len)
+    out = prepare_output(cfg, resume, overwrite)
+    cfg.save(out / CONFIG_NAME)
+
+    init = out / "init"
+    if is_drope_config(base_cfg):
+        init = base
+    elif not (init / "config.json").exists():
+        convert(base, init, attention_type=cfg.attention_type, train_context=seq_len, overwrite=True)
+
+    on_gpu = torch.cuda.is_available()
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and on_gpu)
+    set_seed(cfg.seed)
+    model = load_reference(init, dtype=torch.bfloat16 if bf16 else torch.float32)
+    model.train()
+    steps = cfg.steps(seq_len)
+    tokens_per_step = seq_len * cfg.micro_batch * cfg.grad_accum * int(os.environ.get("WORLD_SIZE", "1"))
+    held = heldout_tokens(cfg.data, tokenizer)
+    eval_seqs = list(pack(iter([held]), seq_len))[: cfg.eval_batches * cfg.micro_batch]
+    eval_data = [{"input_ids": torch.tensor(s), "labels": torch.tensor(s)} for s in eval_seqs]
+
+    args = TrainingArguments(
+        output_dir=str(out / "checkpoints"),
+        max_steps=steps,
+        per_device_train_batch_size=cfg.micro_batch,
+        per_device_eval_batch_size=cfg.micro_batch,
+        gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.lr,
+        adam_beta1=cfg.optim.betas[0],
+        adam_beta2=cfg.optim.betas[1],
+        weight_decay=cfg.optim.weight_decay,
+        warmup_steps=math.ceil(cfg.optim.warmup_ratio * steps),
+        lr_scheduler_type=cfg.optim.schedule,
+        max_grad_norm=cfg.optim.grad_clip,
+        bf16=bf16,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        save_strategy="steps",
+        save_steps=cfg.save_every,
+        save_total_limit=cfg.save_total_limit,
+        eval_strategy="steps" if cfg.eval_every else "no",
+        eval_steps=cfg.eval_every or None,
+        logging_steps=cfg.log_every,
+        report_to=[],
+        use_cpu=not on_gpu,
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+        disable_tqdm=not sys.stderr.isatty(),
+    )
+    progress = ProgressLog(tokens_per_step)
+    trainer = AtomicCheckpointTrainer(
+        model=model, args=args, train_dataset=PackedTrainData(cfg.data, tokenizer, seq_len, cfg.seed),
+        eval_dataset=eval_data, callbacks=[progress],
+    )
+    last = get_last_checkpoint(args.output_dir) if resume and Path(args.output_dir).exists() else None
+    if resume:
+        log.info("resuming from %s", last or "the start (no complete checkpoint yet)")
+    first_eval = trainer.evaluate()["eval_loss"] if not last else None
+    result = trainer.train(resume_from_checkpoint=last)
+    final_eval = trainer.evaluate()["eval_loss"]
+
+    final = out / "final"
+    trainer.save_model(str(final))
+    tokenizer.save_pretrained(str(final))
+    summary = {
+        "steps": trainer.state.global_step, "seq_len": seq_len, "tokens_trained": trainer.state.global_step * tokens_per_step,
+        "train_loss": result.training_loss, "heldout_loss_start": first_eval, "heldout_loss_end": final_eval,
+        "heldout_ppl_end": math.exp(final_eval), "tokens_per_s": progress.last.get("tokens_per_s"),
+        "final_checkpoint": str(final), **data_info,
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def format_summary(cfg: RecalibConfig, s: dict[str, Any]) -> str:
+    start = f"{s['heldout_loss_start']:.4f} -> " if s.get("heldout_loss_start") is not None else ""
+    return "\n".join([
+        "", "=" * 18 + " recalibration summary " + "=" * 18,
+        f"base            : {cfg.base} ({cfg.attention_type}, L = {s['seq_len']})",
+        f"steps / tokens  : {s['steps']} / {s['tokens_trained']:,}",
+        f"held-out loss   : {start}{s['heldout_loss_end']:.4f} (ppl {s['heldout_ppl_end']:.2f})",
+        f"speed           : {s['tokens_per_s'] or float('nan'):.0f} training tokens/s",
+        f"checkpoint      : {s['final_checkpoint']}",
+        f"next            : python -m recalibration.fit_beta {s['final_checkpoint']} --data {cfg.data.source}",
+        "=" * 59,
+    ])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m recalibration.run", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="starting config (default: tiny)")
+    p.add_argument("--config", default=None, help="JSON file with a full config (overrides the preset)")
+    p.add_argument("--base", default=None, help="RoPE checkpoint: directory or hub id")
+    p.add_argument("--output-dir", default=None, help="where checkpoints, logs and final/ go")
+    p.add_argument("--data", default=None, help="text/.jsonl/.parquet path, directory, builtin:essays or a datasets name")
+    p.add_argument("--attention-type", default=None, help="nope, qk_norm_nope, q_norm_nope or k_norm_nope")
+    p.add_argument("--seq-len", type=int, default=None, help="training length in tokens (default: the base's context)")
+    p.add_argument("--max-steps", type=int, default=None, help="optimizer steps")
+    p.add_argument("--token-budget", type=int, default=None, help="training tokens instead of --max-steps")
+    p.add_argument("--micro-batch", type=int, default=None, help="sequences per device per micro-step")
+    p.add_argument("--grad-accum", type=int, default=None, help="micro-steps per optimizer step")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: 1e-3 with QK-norm, 3e-4 without)")
+    p.add_argument("--precision", default=None, help="auto (bf16 on GPU, fp32 on CPU), fp32 or bf16")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--save-every", type=int, default=None, help="checkpoint interval in steps")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other field, e.g. --set optim.weight_decay=0.05 --set data.heldout_docs=4 (JSON values)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its latest checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace whatever --output-dir holds")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> RecalibConfig:
+    if args.config:
+        cfg = RecalibConfig.from_dict(json.loads(Path(args.config).read_text()))
+    else:
+        kw = {k: v for k, v in (("base", args.base), ("output_dir", args.output_dir), ("source", args.data)) if v}
+        cfg = preset(args.preset, **kw)
+    over: dict[str, Any] = {
+        "base": args.base, "output_dir": args.output_dir, "data.source": args.data,
+        "attention_type": args.attention_type, "seq_len": args.seq_len, "max_steps": args.max_steps,
+        "token_budget": args.token_budget, "micro_batch": args.micro_batch, "grad_accum": args.grad_accum,
+        "optim.lr": args.lr, "precision": args.precision, "seed": args.seed, "save_every": args.save_every,
+    }
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise RecalibConfigError(f"--set wants KEY=VALUE, got {item!r}")
+        try:
+            over[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            over[key.strip()] = value
+    return cfg.with_overrides(over)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = config_from_args(args)
+        summary = train(cfg, resume=args.resume, overwrite=args.overwrite)
+    except (RecalibConfigError, FileNotFoundError) as e:
+        print(f"recalibration.run: error: {e}", file=sys.stderr)
+        return 2
+    print(format_summary(cfg, summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

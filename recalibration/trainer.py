@@ -1,0 +1,79 @@
+"""The training stack: Hugging Face Trainer with atomic checkpoints and a tokens/s log.
+
+Same code on one CPU and on N GPUs: launched plainly it uses one device; under
+``accelerate launch`` / ``torchrun`` the Trainer picks up the distributed
+environment (FSDP through recalibration/fsdp.yaml).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from typing import Any
+
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+log = logging.getLogger("drope.recalib")
+
+STAGING = ".staging"
+
+
+class AtomicCheckpointTrainer(Trainer):
+    """Checkpoints are written to <output>/.staging/checkpoint-N and renamed into place when
+    complete, so a run killed mid-write never leaves a checkpoint-N that --resume would pick."""
+
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        run_dir = self._get_output_dir(trial=trial)
+        staging = os.path.join(run_dir, STAGING)
+        if self.args.should_save:
+            shutil.rmtree(staging, ignore_errors=True)
+        real = self._get_output_dir
+        self._get_output_dir = lambda trial=None: staging  # type: ignore[method-assign]
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            del self._get_output_dir  # back to the class method
+        if self.args.should_save:
+            name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            if os.environ.get("DROPE_RECALIB_CRASH_IN_SAVE") == str(self.state.global_step):
+                os._exit(137)  # test hook: die with a complete staging dir, before the rename
+            final = os.path.join(run_dir, name)
+            if os.path.exists(final):
+                shutil.rmtree(final)
+            os.replace(os.path.join(staging, name), final)  # atomic within one filesystem
+            from transformers.trainer_utils import rotate_checkpoints
+
+            rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit, use_mtime=False)
+
+
+class ProgressLog(TrainerCallback):
+    """loss, lr and training tokens/s in the log; a crash hook for the resume tests."""
+
+    def __init__(self, tokens_per_step: int):
+        self.tokens_per_step = tokens_per_step
+        self.t0: float | None = None
+        self.step0 = 0
+        self.last: dict[str, float] = {}
+
+    def on_train_begin(self, args, state, control, **kw):
+        self.t0, self.step0 = time.perf_counter(), state.global_step
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        if not logs or self.t0 is None:
+            return
+        steps = state.global_step - self.step0
+        tps = steps * self.tokens_per_step / max(time.perf_counter() - self.t0, 1e-9)
+        logs["tokens_per_s"] = round(tps, 1)
+        self.last.update({k: v for k, v in logs.items() if isinstance(v, (int, float))})
+        if "loss" in logs:
+            log.info("step %d/%d  loss %.4f  lr %.2e  %.0f tok/s", state.global_step, state.max_steps,
+                     logs["loss"], logs.get("learning_rate", float("nan")), tps)
+        if "eval_loss" in logs:
+            log.info("step %d  held-out loss %.4f", state.global_step, logs["eval_loss"])
+
+    def on_save(self, args, state, control, **kw):
+        if os.environ.get("DROPE_RECALIB_CRASH_AFTER_SAVE") == str(state.global_step):
+            os._exit(137)  # test hook: a kill -9 right after checkpoint N

@@ -1,0 +1,167 @@
+"""recalibration: end to end on CPU, kill-and-resume equality, bad inputs, config and data handling.
+
+The tiny preset's base is a small random RoPE Llama; the data are the Paul Graham
+essays. End to end: convert -> recalibrate a few dozen steps -> held-out loss
+falls -> fit beta -> the checkpoint loads in vLLM through model_patches and generates.
+
+    python -m pytest tests/test_recalibration.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import vllm_engine
+from safetensors.torch import load_file
+
+from recalibration import fit_beta
+from recalibration.config import RecalibConfig, RecalibConfigError, preset
+from recalibration.data import check_data, pack
+from recalibration.run import main as run_main
+
+FAST = ["--preset", "tiny", "--seq-len", "64", "--set", "micro_batch=2", "--set", "eval_every=0"]
+
+
+def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "recalibration.run", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=600)
+
+
+def test_end_to_end_tiny(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run_main([*FAST, "--output-dir", str(out), "--max-steps", "40", "--save-every", "20"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 40 and summary["seq_len"] == 64
+    assert summary["heldout_loss_end"] < summary["heldout_loss_start"] - 0.5, summary
+    assert "recalibration summary" in capsys.readouterr().out
+    saved = RecalibConfig.from_dict(json.loads((out / "recalib_config.json").read_text()))
+    assert saved.max_steps == 40 and saved.seq_len == 64
+    final = out / "final"
+    cfg = json.loads((final / "config.json").read_text())
+    assert cfg["model_type"] == "llama_drope" and cfg["drope_train_context"] == 64
+
+    assert fit_beta.main([str(final), "--data", "builtin:essays", "--lengths", "2x,4x", "--coefs", "0,0.2,0.4",
+                          "--windows", "2"]) == 0
+    fitted = json.loads((final / "config.json").read_text())["drope_beta_coef"]
+    table = json.loads((final / "fit_beta" / "fit_beta.json").read_text())
+    assert fitted == table["best_coef"] and (final / "fit_beta" / "fit_beta.png").exists()
+    assert min(table["score"].values()) == table["score"][f"{fitted:g}"]
+
+    with vllm_engine(final, max_model_len=512, hf_overrides={"max_position_embeddings": 512}) as llm:
+        from vllm import SamplingParams
+
+        (o,) = llm.generate({"prompt_token_ids": list(range(60, 260))}, SamplingParams(max_tokens=8, temperature=0),
+                            use_tqdm=False)
+        model = llm.llm_engine.model_executor.driver_worker.worker.model_runner.model
+    assert type(model).__name__ == "DroPELlamaForCausalLM" and len(o.outputs[0].token_ids) == 8
+    assert model.model.layers[0].self_attn.drope.beta_coef == fitted
+
+
+def test_kill_and_resume_gives_the_same_weights(tmp_path):
+    common = [*FAST, "--max-steps", "12", "--save-every", "4", "--set", "save_total_limit=5"]
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    assert run_cli(*common, "--output-dir", str(straight)).returncode == 0
+    # Die like kill -9 right after checkpoint 8 is complete ...
+    r = run_cli(*common, "--output-dir", str(broken), env={"DROPE_RECALIB_CRASH_AFTER_SAVE": "8"})
+    assert r.returncode == 137, r.stderr[-2000:]
+    assert not (broken / "final").exists()
+    # ... then resume: it must continue from step 8, not restart.
+    r = run_cli(*common, "--output-dir", str(broken), "--resume")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "checkpoint-8" in r.stderr
+    a, b = load_file(straight / "final" / "model.safetensors"), load_file(broken / "final" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_half_written_checkpoint_is_never_resumed(tmp_path):
+    out = tmp_path / "run"
+    common = [*FAST, "--max-steps", "8", "--save-every", "4", "--output-dir", str(out)]
+    r = run_cli(*common, env={"DROPE_RECALIB_CRASH_IN_SAVE": "8"})
+    assert r.returncode == 137
+    ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert "checkpoint-4" in ckpts and "checkpoint-8" not in ckpts  # only in .staging
+    r = run_cli(*common, "--resume")
+    assert r.returncode == 0 and "checkpoint-4" in r.stderr, r.stderr[-3000:]
+
+
+@pytest.mark.parametrize("setup,args,match", [
+    ("none", ["--data", "/nonexistent/corpus.txt"], "does not exist"),
+    ("empty", ["--data", "{tmp}/empty"], "no .txt"),
+    ("short", ["--data", "{tmp}/short"], "fewer than one sequence"),
+    ("none", ["--attention-type", "rope_nope"], "unknown attention type"),
+    ("other-run", [], "already holds a different run"),
+    ("other-files", [], "already holds other files"),
+])
+def test_bad_inputs_fail_clearly_and_overwrite_nothing(tmp_path, capsys, setup, args, match):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "short").mkdir()
+    (tmp_path / "short" / "a.txt").write_text("Tiny held-out document. " * 8)
+    (tmp_path / "short" / "b.txt").write_text("Too short to train on.")
+    out = tmp_path / "out"
+    if setup == "other-run":
+        out.mkdir()
+        preset("tiny", output_dir=str(out)).with_overrides({"seed": 99}).save(out / "recalib_config.json")
+    if setup == "other-files":
+        out.mkdir()
+        (out / "notes.txt").write_text("keep me")
+    before = sorted(p.name for p in out.iterdir()) if out.exists() else None
+    argv = [*FAST, "--output-dir", str(out), "--max-steps", "2",
+            *[a.replace("{tmp}", str(tmp_path)) for a in args]]
+    if setup == "short":
+        argv += ["--set", "data.heldout_docs=1", "--seq-len", "100"]
+    assert run_main(argv) == 2
+    assert match in capsys.readouterr().err
+    assert (sorted(p.name for p in out.iterdir()) if out.exists() else None) == before
+
+
+def test_config_validation_and_overrides():
+    cfg = preset("tiny", output_dir="x")
+    assert cfg.lr == 1e-3 and cfg.with_overrides({"attention_type": "qk_norm_nope", "optim.lr": None}).qk_norm
+    assert RecalibConfig.from_dict(cfg.to_dict()) == cfg
+    c2 = cfg.with_overrides({"token_budget": 10_000, "optim.weight_decay": 0.05})
+    assert c2.max_steps is None and c2.steps(128) == 10_000 // (128 * 4) and c2.optim.weight_decay == 0.05
+    with pytest.raises(RecalibConfigError, match="unknown setting"):
+        cfg.with_overrides({"optim.momentum": 0.9})
+    with pytest.raises(RecalibConfigError, match="exactly one of max_steps or token_budget"):
+        RecalibConfig(base="b", output_dir="o", max_steps=1, token_budget=5, data=cfg.data)
+    with pytest.raises(RecalibConfigError, match="lr must be positive"):
+        cfg.with_overrides({"optim.lr": -1.0})
+    # The no-QK-norm default learning rate is the paper's 3e-4.
+    assert RecalibConfig(base="b", output_dir="o", max_steps=1, data=cfg.data).lr == 3e-4
+
+
+def test_data_formats_pack_identically(tmp_path):
+    from transformers import AutoTokenizer
+
+    from model_patches.tiny import save_byte_tokenizer
+    from recalibration.config import DataConfig
+    from recalibration.data import PackedTrainData
+
+    tok = save_byte_tokenizer(tmp_path / "tok") and AutoTokenizer.from_pretrained(tmp_path / "tok")
+    docs = [f"Document number {i}. " * (5 + i) for i in range(6)]
+    (tmp_path / "txt").mkdir()
+    for i, d in enumerate(docs):
+        (tmp_path / "txt" / f"{i:02d}.txt").write_text(d)
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps({"text": d}) for d in docs))
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": docs}), tmp_path / "d.parquet")
+    streams = []
+    for src in ("txt", "d.jsonl", "d.parquet"):
+        cfg = DataConfig(source=str(tmp_path / src), heldout_docs=1)
+        it = iter(PackedTrainData(cfg, tok, 32, seed=0))
+        streams.append([next(it)["input_ids"].tolist() for _ in range(5)])
+        check_data(cfg, tok, 32)
+    assert streams[0] == streams[1] == streams[2]
+    # Documents are joined with EOS and cut into full sequences only.
+    assert list(pack(iter([[1, 2, 3], [4, 5]]), 2)) == [[1, 2], [3, 4]]
+    assert tok.eos_token_id in sum(streams[0], [])
