@@ -17,24 +17,19 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .perplexity import add_measurement_args, save_plot
+
 
 def evaluate(ckpt: str | Path, source: str, baseline: str | None = None, lengths: str = "1x,2x,4x",
              windows: int = 4, heldout_docs: int = 2, log=print) -> dict[str, Any]:
     import torch
-    from transformers import AutoTokenizer
 
-    from model_patches.config import DropeConfig, read_config_json
+    from model_patches.config import read_config_json
     from model_patches.reference import load_reference
 
-    from .config import DataConfig
-    from .data import heldout_tokens
-    from .perplexity import parse_lengths, perplexity
+    from .perplexity import heldout_for, perplexity
 
-    drope = DropeConfig.from_pretrained(ckpt)
-    lens = parse_lengths(lengths, drope.train_context)
-    tokens = heldout_tokens(DataConfig(source=source, heldout_docs=heldout_docs), AutoTokenizer.from_pretrained(ckpt))
-    if len(tokens) < max(lens):
-        raise ValueError(f"held-out text has {len(tokens)} tokens, fewer than the longest length {max(lens)}")
+    drope, lens, tokens = heldout_for(ckpt, source, heldout_docs, lengths)
     models: dict[str, Any] = {f"DroPE (c={drope.beta_coef:g})": lambda: load_reference(ckpt)}
     if baseline:
         base_cfg = read_config_json(baseline)
@@ -58,34 +53,16 @@ def evaluate(ckpt: str | Path, source: str, baseline: str | None = None, lengths
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
     xs = [L / result["train_context"] for L in result["lengths"]]
-    for name, ppl in result["perplexity"].items():
-        ax.plot(xs, [ppl[str(L)] for L in result["lengths"]], marker="o", label=name)
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("length / training context")
-    ax.set_ylabel("held-out perplexity")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    series = {name: (xs, [ppl[str(L)] for L in result["lengths"]]) for name, ppl in result["perplexity"].items()}
+    save_plot(path, series, "length / training context", log_axes=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m recalibration.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", help="DroPE checkpoint directory")
-    p.add_argument("--data", required=True, help="held-out text source (same forms as recalibration.run --data)")
+    add_measurement_args(p, "1x,2x,4x")
     p.add_argument("--baseline", default=None, help="RoPE parent (default: the base of the run CKPT came from, if local)")
-    p.add_argument("--lengths", default="1x,2x,4x", help="multiples of L_train or token counts (default: 1x,2x,4x)")
-    p.add_argument("--windows", type=int, default=4, help="windows per length (default: 4)")
-    p.add_argument("--heldout-docs", type=int, default=2, help="documents held out at the start of the source (default: 2)")
     p.add_argument("--out-dir", default=None, help="(default: CHECKPOINT/evaluate)")
     args = p.parse_args(argv)
     baseline = args.baseline

@@ -23,27 +23,20 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from .perplexity import add_measurement_args, save_plot
+
 DEFAULT_COEFS = "0,0.05,0.1,0.15,0.2,0.3,0.4,0.5,0.6"
 
 
 def fit(ckpt: str | Path, source: str, lengths: str = "2x,4x", coefs: list[float] | None = None,
         windows: int = 4, heldout_docs: int = 2, refine: bool = True, log=print) -> dict[str, Any]:
     import torch
-    from transformers import AutoTokenizer
 
-    from model_patches.config import DropeConfig
     from model_patches.reference import load_reference, set_beta
 
-    from .config import DataConfig
-    from .data import heldout_tokens
-    from .perplexity import parse_lengths, perplexity
+    from .perplexity import heldout_for, perplexity
 
-    drope = DropeConfig.from_pretrained(ckpt)
-    lens = parse_lengths(lengths, drope.train_context)
-    tokens = heldout_tokens(DataConfig(source=source, heldout_docs=heldout_docs), AutoTokenizer.from_pretrained(ckpt))
-    if len(tokens) < max(lens):
-        raise ValueError(f"held-out text has {len(tokens)} tokens, fewer than the longest length {max(lens)}; "
-                         "hold out more documents (--heldout-docs)")
+    drope, lens, tokens = heldout_for(ckpt, source, heldout_docs, lengths)
     model = load_reference(ckpt, dtype=torch.float32)
     grid = sorted(set(coefs if coefs is not None else [float(x) for x in DEFAULT_COEFS.split(",")]))
     table: dict[float, dict[int, float]] = {}
@@ -85,35 +78,18 @@ def write_coef(ckpt: str | Path, coef: float) -> None:
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     coefs = sorted(float(c) for c in result["table"])
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for L in result["lengths"]:
-        ax.plot(coefs, [result["table"][f"{c:g}"][str(L)] for c in coefs], marker="o",
-                label=f"{L} tokens ({L / result['train_context']:g}x)")
-    ax.axvline(result["best_coef"], color="grey", linestyle="--", label=f"chosen c = {result['best_coef']:g}")
-    ax.set_xlabel("c in beta = 1 + c ln(s)")
-    ax.set_ylabel("held-out perplexity")
-    ax.set_title(Path(result["checkpoint"]).name)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    series = {f"{L} tokens ({L / result['train_context']:g}x)": (coefs, [result["table"][f"{c:g}"][str(L)] for c in coefs])
+              for L in result["lengths"]}
+    save_plot(path, series, "c in beta = 1 + c ln(s)", Path(result["checkpoint"]).name,
+              vline=(result["best_coef"], f"chosen c = {result['best_coef']:g}"))
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m recalibration.fit_beta", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", help="DroPE checkpoint directory")
-    p.add_argument("--data", required=True, help="held-out text source (same forms as recalibration.run --data)")
-    p.add_argument("--lengths", default="2x,4x", help="target lengths: multiples of L_train (2x) or tokens (default: 2x,4x)")
+    add_measurement_args(p, "2x,4x")
     p.add_argument("--coefs", default=DEFAULT_COEFS, help=f"grid of c (default: {DEFAULT_COEFS})")
-    p.add_argument("--windows", type=int, default=4, help="windows per length (default: 4)")
-    p.add_argument("--heldout-docs", type=int, default=2, help="documents held out at the start of the source (default: 2)")
     p.add_argument("--no-refine", action="store_true", help="no second pass around the best c")
     p.add_argument("--no-write", action="store_true", help="do not write the fitted c into config.json")
     p.add_argument("--out-dir", default=None, help="table and plot (default: CHECKPOINT/fit_beta)")

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from vllm import SamplingParams
+from vllm.exceptions import VLLMClientError
 from vllm.sampling_params import RequestOutputKind
 
 from . import metrics
@@ -65,7 +66,7 @@ class Serving:
                 ignore_eos=req.ignore_eos,
                 output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY,
             )
-        except ValueError as e:  # vLLM's own checks (e.g. top_k == 0): the client's fault, not a 500
+        except (ValueError, VLLMClientError) as e:  # vLLM's own checks (e.g. stop=[""]): a 400, not a 500
             raise ApiError(400, f"invalid sampling parameters: {e}", code="invalid_value") from None
 
     def tokenize_text(self, text: str, add_special_tokens: bool = True) -> list[int]:
@@ -116,7 +117,7 @@ class Serving:
         gen = self._generate(ids, params, request_id, raw_request, stream)
         try:
             first = await gen.__anext__()
-        except (ValueError, TypeError) as e:  # vLLM's input processing rejected the request
+        except (ValueError, TypeError, VLLMClientError) as e:  # vLLM's input processing rejected the request
             raise ApiError(400, f"the engine rejected the request: {e}", code="invalid_value") from None
         return first, gen
 

@@ -136,7 +136,7 @@ def test_error_envelopes_and_server_stays_healthy(server, client):
         (lambda: post(server, "/v1/completions", {"model": "tiny-drope", "prompt": "x", "max_tokens": "many"}), 400, "max_tokens"),
         (lambda: post(server, "/v1/completions", {"model": "tiny-drope", "prompt": "x", "temperature": -1}), 400, "temperature"),
         (lambda: post(server, "/v1/completions", {"model": "tiny-drope", "prompt": [5, 10**9]}), 400, "out of range"),
-        (lambda: post(server, "/v1/completions", {"model": "tiny-drope", "prompt": "x", "top_k": 0}), 400, "top_k"),
+        (lambda: post(server, "/v1/completions", {"model": "tiny-drope", "prompt": "x", "stop": ["a", ""]}), 400, "stop"),
         (lambda: post(server, "/v1/completions", {"model": "tiny-drope", "prompt": ""}), 400, "empty"),
         (lambda: post(server, "/v1/completions", {"model": "tiny-drope", "prompt": "x", "echo": True, "stream": True}),
          400, "echo"),
