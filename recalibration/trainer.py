@@ -30,12 +30,13 @@ class AtomicCheckpointTrainer(Trainer):
         staging = os.path.join(run_dir, STAGING)
         if self.args.should_save:
             shutil.rmtree(staging, ignore_errors=True)
-        real = self._get_output_dir
         self._get_output_dir = lambda trial=None: staging  # type: ignore[method-assign]
         try:
             super()._save_checkpoint(model, trial)
         finally:
             del self._get_output_dir  # back to the class method
+        # Under FSDP every rank writes its shard into staging: rename only once all are done.
+        self.accelerator.wait_for_everyone()
         if self.args.should_save:
             name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
             if os.environ.get("DROPE_RECALIB_CRASH_IN_SAVE") == str(self.state.global_step):
