@@ -101,12 +101,13 @@ def main(argv=None) -> int:
     print(f"perplexity right after dropping RoPE : {ppl_dropped:.2f}")
     for s, p in curve:
         print(f"  step {s:>4} ({s * summary['tokens_trained'] // summary['steps']:>7} tokens): held-out ppl {p:.2f} "
-              "(4 eval sequences)")
+              "(trainer eval, up to eval_batches x micro_batch held-out windows)")
     print(f"perplexity after {summary['steps']} steps ({summary['tokens_trained']:,} tokens): {ppl_final:.2f}")
     print(f"training speed                        : {summary['tokens_trained'] / train_s:.0f} tokens/s "
           f"(wall, incl. evals and checkpoints; {train_s / 60:.1f} min)")
     best_row = fit["table"][f"{fit['best_coef']:g}"]
-    print(f"fitted c (2x, 4x)                     : {fit['best_coef']:g}  "
+    edge = " (top of the grid: the optimum may lie higher)" if fit["best_coef"] == max(map(float, fit["table"])) else ""
+    print(f"fitted c (2x, 4x)                     : {fit['best_coef']:g}{edge}  "
           + "  ".join(f"ppl@{L}={best_row[str(L)]:.1f}" for L in fit["lengths"]))
     print(f"within 10% of RoPE perplexity         : {'step %d (%d tokens)' % within if within else 'not reached'}")
     print(f"greedy, RoPE     : {sample_rope!r}")

@@ -127,7 +127,7 @@ class _DroPEModelMixin:
     _drope_attention: type[nn.Module]
 
     def _install_drope_attention(self, config: Any) -> None:
-        DropeConfig.from_hf_config(config)  # fail before building anything
+        DropeConfig.from_hf_config(config)  # one clear error here rather than one per layer
         for layer in self.model.layers:
             layer.self_attn = self._drope_attention(config, layer.self_attn.layer_idx)
 
