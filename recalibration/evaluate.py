@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .perplexity import add_measurement_args, save_plot
+from .perplexity import add_measurement_args, save_plot, write_results
 
 
 def evaluate(ckpt: str | Path, source: str, baseline: str | None = None, lengths: str = "1x,2x,4x",
@@ -76,10 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"recalibration.evaluate: error: {e}", file=sys.stderr)
         return 2
-    out = Path(args.out_dir or Path(args.checkpoint) / "evaluate")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "evaluate.json").write_text(json.dumps(result, indent=2))
-    plot(result, out / "evaluate.png")
+    out = write_results(args.out_dir or Path(args.checkpoint) / "evaluate", "evaluate", result, plot)
     print(f"results in {out}")
     return 0
 

@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .perplexity import add_measurement_args, save_plot
+from .perplexity import add_measurement_args, save_plot, write_results
 
 DEFAULT_COEFS = "0,0.05,0.1,0.15,0.2,0.3,0.4,0.5,0.6"
 
@@ -100,10 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"recalibration.fit_beta: error: {e}", file=sys.stderr)
         return 2
-    out = Path(args.out_dir or Path(args.checkpoint) / "fit_beta")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "fit_beta.json").write_text(json.dumps(result, indent=2))
-    plot(result, out / "fit_beta.png")
+    out = write_results(args.out_dir or Path(args.checkpoint) / "fit_beta", "fit_beta", result, plot)
     if not args.no_write:
         write_coef(args.checkpoint, result["best_coef"])
     print(f"best c = {result['best_coef']:g} ({result['criterion']}); "

@@ -88,3 +88,15 @@ def save_plot(path: Any, series: dict[str, tuple[list[float], list[float]]], xla
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def write_results(out_dir: Any, name: str, result: dict[str, Any], plot: Any) -> Any:
+    """<out_dir>/<name>.json and <name>.png; returns the directory."""
+    import json
+    from pathlib import Path
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(result, indent=2))
+    plot(result, out / f"{name}.png")
+    return out
