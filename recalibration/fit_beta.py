@@ -6,10 +6,12 @@ For each target length (multiples of the checkpoint's L_train, or token counts)
 and each c on a 1-D grid, held-out perplexity is measured over up to --windows
 windows of that length. One c serves the model at every length, so the pick is
 the c with the lowest *mean log-perplexity across the requested lengths* (each
-length weighted equally; a log so that no length dominates by its scale). The
-grid is refined once around the best point. The c is written into CKPT's
-config.json (drope_beta_coef) unless --no-write; the table (JSON) and a plot of
-perplexity vs c per length (PNG) are saved in --out-dir (default: CKPT/fit_beta).
+length weighted equally; a log so that no length dominates by its scale). When
+the best c is the grid's largest, the search steps further up (each step twice
+the last) until perplexity rises; then it refines once around the best point.
+The c is written into CKPT's config.json (drope_beta_coef) unless --no-write;
+the table (JSON) and a plot of perplexity vs c per length (PNG) are saved in
+--out-dir (default: CKPT/fit_beta).
 """
 
 from __future__ import annotations
@@ -41,29 +43,47 @@ def fit(ckpt: str | Path, source: str, lengths: str = "2x,4x", coefs: list[float
     grid = sorted(set(coefs if coefs is not None else [float(x) for x in DEFAULT_COEFS.split(",")]))
     table: dict[float, dict[int, float]] = {}
 
-    def measure(c: float) -> None:
-        set_beta(model, coef=c, mode="log" if drope.beta_mode == "none" else drope.beta_mode)
-        table[c] = {L: perplexity(model, tokens, L, windows) for L in lens}
-        log(f"c={c:.3f}  " + "  ".join(f"ppl@{L}={p:.3f}" for L, p in table[c].items()))
-
-    for c in grid:
-        measure(c)
-
     def score(c: float) -> float:
+        """Mean log-perplexity across the lengths (each measured once per c)."""
+        if c not in table:
+            set_beta(model, coef=c, mode="log" if drope.beta_mode == "none" else drope.beta_mode)
+            table[c] = {L: perplexity(model, tokens, L, windows) for L in lens}
+            log(f"c={c:.3f}  " + "  ".join(f"ppl@{L}={p:.3f}" for L, p in table[c].items()))
         return sum(math.log(table[c][L]) for L in lens) / len(lens)
 
-    best = min(table, key=score)
-    if refine and len(grid) > 1:
-        i = grid.index(best)
-        lo, hi = grid[max(i - 1, 0)], grid[min(i + 1, len(grid) - 1)]
-        for c in (round((lo + best) / 2, 4), round((best + hi) / 2, 4)):
-            if c not in table:
-                measure(c)
-        best = min(table, key=score)
+    best, extended = search(grid, score, refine)
+    if extended:
+        log(f"the best c was at the top of the grid; extended the search up to {max(table):g}")
     return {"checkpoint": str(ckpt), "train_context": drope.train_context, "lengths": lens, "best_coef": best,
             "criterion": "min over c of mean_L log ppl(L, c)",
             "table": {f"{c:g}": {str(L): p for L, p in v.items()} for c, v in sorted(table.items())},
             "score": {f"{c:g}": score(c) for c in sorted(table)}}
+
+
+def search(grid: list[float], evaluate, refine: bool = True, max_extensions: int = 4) -> tuple[float, bool]:
+    """1-D minimisation of ``evaluate`` over c: the grid, then (if the best is its largest value)
+    steps upward, each twice the last, until the score rises, then one refinement around the best.
+    Returns (best c, whether the grid was extended)."""
+    scores = {c: evaluate(c) for c in grid}
+    best = min(scores, key=scores.get)
+    extended = False
+    step = grid[-1] - grid[-2] if len(grid) > 1 else max(grid[-1], 0.1)
+    for _ in range(max_extensions):
+        if best != max(scores):
+            break
+        c = round(best + step, 4)
+        scores[c] = evaluate(c)
+        extended, step = True, step * 2
+        best = min(scores, key=scores.get)
+    if refine and len(scores) > 1:
+        points = sorted(scores)
+        i = points.index(best)
+        for c in sorted({round((points[max(i - 1, 0)] + best) / 2, 4),
+                         round((best + points[min(i + 1, len(points) - 1)]) / 2, 4)}):
+            if c not in scores:
+                scores[c] = evaluate(c)
+        best = min(scores, key=scores.get)
+    return best, extended
 
 
 def write_coef(ckpt: str | Path, coef: float) -> None:

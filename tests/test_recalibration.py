@@ -164,3 +164,17 @@ def test_data_formats_pack_identically(tmp_path):
     # Documents are joined with EOS and cut into full sequences only.
     assert list(pack(iter([[1, 2, 3], [4, 5]]), 2)) == [[1, 2], [3, 4]]
     assert tok.eos_token_id in sum(streams[0], [])
+
+
+def test_beta_search_extends_past_the_grid_and_refines():
+    calls = []
+
+    def bowl(c):  # minimum at 1.3, beyond the default grid
+        calls.append(c)
+        return (c - 1.3) ** 2
+
+    best, extended = fit_beta.search([0.0, 0.2, 0.4, 0.6], bowl)
+    assert extended and abs(best - 1.3) <= 0.2
+    assert len(calls) == len(set(calls))  # nothing evaluated twice
+    best, extended = fit_beta.search([0.0, 0.2, 0.4, 0.6], lambda c: (c - 0.3) ** 2)
+    assert not extended and best == 0.3  # found by refinement between 0.2 and 0.4
