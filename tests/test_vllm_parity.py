@@ -75,6 +75,7 @@ DROPE_CASES = [
     pytest.param("llama", "qk_norm_nope", 0.4, "log", id="llama-qknorm-c0.4"),
     pytest.param("llama", "q_norm_nope", 0.3, "floor", id="llama-qnorm-floor"),
     pytest.param("qwen2", "nope", 0.4, "log", id="qwen2-nope-c0.4"),
+    pytest.param("qwen2", "k_norm_nope", 0.2, "log", id="qwen2-knorm-c0.2"),
     pytest.param("qwen2", "qk_norm_nope", 0.0, "log", id="qwen2-qknorm-c0"),
     pytest.param("qwen2", "qk_norm_nope", 0.4, "log", id="qwen2-qknorm-c0.4"),
 ]
