@@ -18,8 +18,8 @@ EXTENSION = Histogram(
     "Prompt length / DroPE training context (s in beta = 1 + c ln s); prompt / max context for RoPE models.",
     buckets=(0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 32.0),
 )
-PROMPT_TOKENS = Counter("drope:prompt_tokens", "Prompt tokens of completed requests.")
-GENERATION_TOKENS = Counter("drope:generation_tokens", "Generated tokens of completed requests.")
+PROMPT_TOKENS = Counter("drope:prompt_tokens", "Prompt tokens of requests admitted to the engine.")
+GENERATION_TOKENS = Counter("drope:generation_tokens", "Tokens generated, streamed or not (aborted requests included).")
 ABORTED = Counter("drope:requests_aborted", "Requests aborted in the engine (client gone, cancelled, shutdown).")
 REJECTED = Counter("drope:requests_rejected", "Requests refused before reaching the engine.", ["reason"])
 HTTP = Counter("drope:http_requests", "HTTP responses by route and status.", ["route", "status"])

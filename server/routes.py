@@ -73,9 +73,7 @@ async def tokenize(body: TokenizeRequest, request: Request) -> JSONResponse:
 async def detokenize(body: DetokenizeRequest, request: Request) -> JSONResponse:
     s = _serving(request)
     s.check_model(body.model)
-    bad = [t for t in body.tokens if not 0 <= t < s.vocab_size]
-    if bad:
-        raise ApiError(400, f"token ids out of range [0, {s.vocab_size}): {bad[:5]}", param="tokens")
+    s.check_token_ids(body.tokens, "tokens")
     return JSONResponse({"prompt": s.tokenizer.decode(body.tokens)})
 
 

@@ -69,6 +69,11 @@ class Serving:
         except (ValueError, VLLMClientError) as e:  # vLLM's own checks (e.g. stop=[""]): a 400, not a 500
             raise ApiError(400, f"invalid sampling parameters: {e}", code="invalid_value") from None
 
+    def check_token_ids(self, ids: list[int], param: str) -> None:
+        bad = [t for t in ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ApiError(400, f"token ids out of range [0, {self.vocab_size}): {bad[:5]}", param=param)
+
     def tokenize_text(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
@@ -99,10 +104,13 @@ class Serving:
         metrics.RUNNING.inc()
         metrics.EXTENSION.observe(len(ids) / (self.model.drope.train_context if self.model.drope else self.max_model_len))
         finished = False
+        metrics.PROMPT_TOKENS.inc(len(ids))
         watcher = None if stream else asyncio.create_task(self._watch_disconnect(raw_request, request_id))
         try:
             async for out in self.engine.generate({"prompt_token_ids": ids}, params, request_id):
                 finished = out.finished
+                # DELTA outputs carry new tokens only, FINAL_ONLY all of them once: the sum is right for both.
+                metrics.GENERATION_TOKENS.inc(sum(len(c.token_ids) for c in out.outputs))
                 yield out
         finally:
             if watcher:
@@ -236,9 +244,8 @@ def _prompt_list(prompt: Any, serving: Serving) -> list[list[int]]:
     if prompt and all(isinstance(x, int) for x in prompt):
         prompt = [prompt]
     out = [serving.tokenize_text(p) if isinstance(p, str) else list(p) for p in prompt]
-    bad = [t for ids in out for t in ids if not 0 <= t < serving.vocab_size]
-    if bad:
-        raise ApiError(400, f"token ids out of range [0, {serving.vocab_size}): {bad[:5]}", param="prompt")
+    for ids in out:
+        serving.check_token_ids(ids, "prompt")
     return out
 
 
@@ -263,8 +270,6 @@ def _sse(obj: dict) -> str:
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    metrics.PROMPT_TOKENS.inc(prompt_tokens)
-    metrics.GENERATION_TOKENS.inc(completion_tokens)
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens}
 

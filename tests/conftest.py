@@ -96,3 +96,14 @@ def launch_server(ckpt, log_dir, *args):
         time.sleep(0.5)
     proc.kill()
     pytest.fail("server did not become healthy in 180 s")
+
+
+def scrape_metrics(base: str) -> dict[str, float]:
+    """A server's /metrics as {sample name: value summed over labels}, parsed by prometheus-client."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[str, float] = {}
+    for fam in text_string_to_metric_families(httpx.get(base + "/metrics").text):
+        for sample in fam.samples:
+            out[sample.name] = out.get(sample.name, 0.0) + sample.value
+    return out

@@ -9,10 +9,9 @@ import json
 import random
 import signal
 
-import httpx
 import numpy as np
 import pytest
-from conftest import launch_server
+from conftest import launch_server, scrape_metrics
 
 from loadtest import bench, niah
 from loadtest.endpoint import EndpointError, connect
@@ -30,24 +29,14 @@ def tiny_server(tiny_checkpoint, tmp_path_factory):
     proc.wait(timeout=30)
 
 
-def counters(base: str) -> dict[str, float]:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    out: dict[str, float] = {}
-    for fam in text_string_to_metric_families(httpx.get(base + "/metrics").text):
-        for s in fam.samples:
-            out[s.name] = out.get(s.name, 0.0) + s.value
-    return out
-
-
 def test_bench_counts_match_server_metrics(tiny_server, tmp_path, capsys):
     base, _ = tiny_server
-    before = counters(base)
+    before = scrape_metrics(base)
     out = tmp_path / "bench.json"
     rc = bench.main(["--base-url", base, "--input-len", "96", "--output-len", "12", "--num-requests", "12",
                      "--max-concurrency", "4", "--request-rate", "50", "--warmup", "0", "--quiet", "--out", str(out)])
     assert rc == 0
-    after = counters(base)
+    after = scrape_metrics(base)
     res = json.loads(out.read_text())["results"]
     (r,) = res.values()
     assert r["completed"] == 12 and r["failed"] == 0

@@ -20,7 +20,7 @@ import openai
 import pytest
 import torch
 from conftest import launch_server as launch
-from prometheus_client.parser import text_string_to_metric_families
+from conftest import scrape_metrics
 from test_vllm_parity import prompt, reference_run
 
 from model_patches.config import DropeConfig
@@ -58,12 +58,7 @@ def assert_healthy(client):
 
 
 def metric_samples(server) -> dict[str, float]:
-    text = httpx.get(server["base"] + "/metrics").text
-    out = {}
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            out[s.name] = out.get(s.name, 0.0) + s.value  # summed over labels
-    return out
+    return scrape_metrics(server["base"])
 
 
 def test_models_card_carries_drope_metadata(client):
@@ -226,6 +221,11 @@ def test_metrics_parse_and_counters_move(server, client):
                  "drope:extension_factor_count"):
         assert after[name] > before.get(name, 0), name
     assert after["drope:generation_tokens_total"] - before["drope:generation_tokens_total"] == 5
+    # Streamed requests count too, with or without include_usage.
+    list(client.completions.create(model="tiny-drope", prompt="count me", max_tokens=7, temperature=0, stream=True))
+    streamed = metric_samples(server)
+    assert streamed["drope:generation_tokens_total"] - after["drope:generation_tokens_total"] == 7
+    assert streamed["drope:prompt_tokens_total"] - after["drope:prompt_tokens_total"] == len(b"count me")
     for name in ("vllm:inter_token_latency_seconds_count", "vllm:kv_cache_usage_perc", "vllm:num_requests_waiting"):
         assert name in after, name
 
