@@ -44,6 +44,10 @@ TRAIN_CONTEXT_KEY = "drope_train_context"
 BETA_COEF_KEY = "drope_beta_coef"
 BETA_MODE_KEY = "drope_beta_mode"
 
+# Serving default: a DroPE model is served up to this multiple of L_train (the
+# paper's 2x-8x range), lowered to what the KV cache holds.
+DEFAULT_CONTEXT_MULTIPLE = 8
+
 
 class DropeConfigError(ValueError):
     """A DroPE checkpoint or override that cannot be served as written."""

@@ -28,6 +28,26 @@ def register() -> None:
         if arch not in supported:
             # A "module:Class" string keeps vLLM's lazy import (no CUDA init here).
             ModelRegistry.register_model(arch, target)
+    _register_serving_defaults()
+
+
+def _register_serving_defaults() -> None:
+    # vLLM's per-architecture config hook (how in-tree models adjust their
+    # VllmConfig); there is no public registry for out-of-tree models.
+    from vllm.model_executor.models.config import MODELS_CONFIG_MAP, VerifyAndUpdateConfig
+
+    class DropeServingDefaults(VerifyAndUpdateConfig):
+        @staticmethod
+        def verify_and_update_config(vllm_config) -> None:
+            # With no --max-model-len, serve the config's 8 x L_train (reference.py)
+            # or what the KV cache holds: vLLM's own auto-fit (max_model_len=-1),
+            # which lowers it with a warning instead of refusing to start.
+            model_config = vllm_config.model_config
+            if model_config.original_max_model_len is None:
+                model_config.original_max_model_len = -1
+
+    for arch in _ARCHS:
+        MODELS_CONFIG_MAP.setdefault(arch, DropeServingDefaults)
 
 
 def _init_amx() -> None:

