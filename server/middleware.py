@@ -45,7 +45,7 @@ class DropeMiddleware:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path = scope["path"].removeprefix(scope.get("root_path", ""))
-        if self._key_hashes and scope["method"] != "OPTIONS" and not path.startswith(OPEN_PATHS):
+        if self._key_hashes and scope["method"] != "OPTIONS" and not _is_open(path):
             if not self._authorised(scope):
                 REJECTED.labels(reason="auth").inc()
                 return await _respond(send, 401, error_body(
@@ -56,23 +56,26 @@ class DropeMiddleware:
         if declared is not None and declared.isdigit() and int(declared) > limit:
             return await self._too_large(send)
         seen = 0
+        reply = _Reply(send)
 
         async def limited_receive() -> Message:
+            # A body without Content-Length (chunked) is counted as it arrives; past the
+            # limit the app is told the client left, and its answer is replaced by 413.
             nonlocal seen
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > limit:
-                    raise _TooLarge
+                    reply.replace_with(self._too_large)
+                    return {"type": "http.disconnect"}
             return message
 
-        reply = _Reply(send)
         try:
             await self.app(scope, limited_receive, reply.send)
-        except _TooLarge:
-            if reply.started:
-                raise
-            return await self._too_large(send)
+        except Exception:
+            if not reply.replaced:
+                raise  # the app's own failure; past the body limit its complaint is moot
+        await reply.finish()
 
     def _authorised(self, scope: Scope) -> bool:
         scheme, _, token = (_header(scope, b"authorization") or "").partition(" ")
@@ -98,8 +101,25 @@ class _Reply:
         self._start: Message | None = None
         self._mode = "pass"  # pass | error (buffer whole body) | stream (inspect first event) | drop
         self._body = b""
+        self._replacement = None
+
+    def replace_with(self, respond) -> None:
+        """Answer with ``respond(send)`` instead of whatever the app sends (if nothing was sent yet)."""
+        if not self.started:
+            self._replacement, self._mode = respond, "drop"
+
+    @property
+    def replaced(self) -> bool:
+        return self._replacement is not None
+
+    async def finish(self) -> None:
+        if self._replacement is not None and not self.started:
+            self.started = True
+            await self._replacement(self._send)
 
     async def send(self, message: Message) -> None:
+        if self._replacement is not None:
+            return
         if message["type"] == "http.response.start":
             status = message["status"]
             ctype = dict(message.get("headers", [])).get(b"content-type", b"")
@@ -151,6 +171,10 @@ class _Reply:
         await _respond(self._send, status, error_body(status, message, _error_type(status), None), headers)
 
 
+def _is_open(path: str) -> bool:
+    return any(path == p or path.startswith(p + "/") for p in OPEN_PATHS)
+
+
 def _is_busy(payload: Any) -> bool:
     return isinstance(payload, dict) and isinstance(payload.get("error"), dict) and payload["error"].get("message") == _BUSY
 
@@ -193,5 +217,3 @@ async def _respond(send: Send, status: int, body: bytes, headers: list | None = 
     await send({"type": "http.response.body", "body": body})
 
 
-class _TooLarge(Exception):
-    pass

@@ -11,12 +11,14 @@ allowlists it; plain ``vllm serve`` users opt in with
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from vllm.exceptions import QueueOverflowError
 from vllm.logger import init_logger
 
 from model_patches.config import DropeConfig, is_drope_config
@@ -26,6 +28,14 @@ from .middleware import DropeMiddleware
 
 log = init_logger("vllm.drope")
 NAME = "drope_server"
+
+
+def _quiet_overload(record: logging.LogRecord) -> bool:
+    # vLLM logs a full traceback for every streamed request its queue limit turns
+    # away; under overload that floods the log with an expected condition, which the
+    # access log (429) and vllm:admission_rejections already record.
+    exc = record.exc_info[1] if record.exc_info else None
+    return not isinstance(exc, QueueOverflowError)
 
 
 def drope_card(model_config: Any) -> dict[str, Any] | None:
@@ -60,6 +70,8 @@ class DropeEndpoints:
         app.state.drope_options = options
         app.add_api_route("/v1/models", list_models, methods=["GET"])
         app.add_middleware(DropeMiddleware, options=options)
+        for handler in logging.getLogger("vllm").handlers:
+            handler.addFilter(_quiet_overload)
 
     async def init_state(self, engine_client: Any, state: Any, args: argparse.Namespace) -> None:
         model_config = engine_client.model_config

@@ -69,17 +69,17 @@ def vllm_engine(model_dir, **kwargs):
         gc.collect()
 
 
-def launch_server(ckpt, log_dir, *args):
-    """Start `python -m server` on a free port; return (process, base URL, log file) once healthy."""
+def launch_server(ckpt, log_dir, *args, env=None):
+    """Start `python -m server` (vLLM flags + ours) on a free port; return (process, base URL, log file) once healthy."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     log = open(log_dir / "server.log", "w+")
-    env = dict(os.environ)
+    env = {**os.environ, **(env or {})}
     env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # the async engine runs in its own process
     proc = subprocess.Popen(
         [sys.executable, "-m", "server", "--model", str(ckpt), "--port", str(port), "--dtype", "float32",
-         "--kv-cache-memory", "64MiB", "--enforce-eager", *args],
+         "--kv-cache-memory-bytes", str(KV_CACHE_BYTES), "--enforce-eager", *args],
         stdout=log, stderr=subprocess.STDOUT, env=env,
     )
     base = f"http://127.0.0.1:{port}"
