@@ -1,66 +1,162 @@
-"""Server configuration without an engine: sizes, model resolution, default context, overrides, CLI.
+"""drope-server's flags and model resolution, without an engine, and the DroPE defaults inside one.
 
     python -m pytest tests/test_server_config.py
+
+The first half parses real command lines with the server's own parser (vLLM's
+flags + ours) and checks what ``prepare`` hands to vLLM. The second half starts
+in-process vLLM engines with *no* drope-server code in the way, as plain
+``vllm serve`` users run them, to check the defaults the plugin and config
+classes give: 8 x L_train, auto-fit to the KV cache, L_train pinned.
 """
 
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
 import pytest
+from conftest import vllm_engine
+from test_vllm_parity import prompt, vllm_run
 
 from model_patches.config import DropeConfig
-from server.cli import build_parser, config_from_args
-from server.config import ALIASES, ServerConfig, ServerConfigError, engine_kwargs, parse_bytes, resolve
+from server.cli import build_parser
+from server.config import ALIASES, ServerConfigError, options_from_args, parse_bytes, prepare
+
+L = 64
 
 
-def test_parse_bytes():
-    assert parse_bytes("4GiB") == 4 * 2**30 and parse_bytes("512MiB") == 512 * 2**20
-    assert parse_bytes("64KiB") == 64 * 1024 and parse_bytes("2") == 2 * 2**30 and parse_bytes("5000") == 5000
-    with pytest.raises(ServerConfigError, match="size"):
-        parse_bytes("lots")
+def parse(*argv):
+    return build_parser().parse_args(list(argv))
 
 
-def test_drope_defaults_to_8x_train_context_and_pins_it(tiny_checkpoint):
-    ckpt = tiny_checkpoint("llama", DropeConfig(train_context=64, beta_coef=0.2), max_position_embeddings=64)
-    m = resolve(ServerConfig(model=str(ckpt)))
-    assert m.max_model_len == 512 and m.drope.train_context == 64
-    # L_train pinned before max_position_embeddings is raised for vLLM's length check.
-    assert m.hf_overrides["drope_train_context"] == 64 and m.hf_overrides["max_position_embeddings"] == 512
-    assert engine_kwargs(ServerConfig(model=str(ckpt)), m)["max_model_len"] == 512
+def test_parse_bytes_plain_numbers_are_bytes():
+    assert parse_bytes("512") == 512 and parse_bytes("64KiB") == 65536 and parse_bytes("32MiB") == 32 * 2**20
+    assert parse_bytes("1GB") == 10**9 and parse_bytes("2G") == 2 * 10**9 and parse_bytes("1.5KiB") == 1536
+    for bad in ("lots", "12 parsecs", "-5", ""):
+        with pytest.raises(ServerConfigError, match="size"):
+            parse_bytes(bad)
 
 
-def test_cli_overrides_win_and_kv_cache_lowers_the_default(tiny_checkpoint):
-    ckpt = tiny_checkpoint("llama", DropeConfig(train_context=64, beta_coef=0.2))
-    m = resolve(ServerConfig(model=str(ckpt), beta_coef=0.5, beta_mode="floor", train_context=128))
-    assert (m.drope.beta_coef, m.drope.beta_mode, m.max_model_len) == (0.5, "floor", 1024)
-    # tiny: 2 layers x 2 KV heads x 32 dims x 2 (K, V) x 4 bytes = 1 KiB per token
-    m = resolve(ServerConfig(model=str(ckpt), kv_cache_memory_bytes=300 * 1024, dtype="float32"))
-    assert m.max_model_len == 288  # 300 tokens fit, rounded down to 16-token blocks
+def test_every_vllm_serve_flag_is_accepted_and_ours_come_first():
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    vllm_flags = {s for a in make_arg_parser(FlexibleArgumentParser())._actions for s in a.option_strings}
+    ours = build_parser()
+    flags = {s for a in ours._actions for s in a.option_strings}
+    assert vllm_flags <= flags
+    assert {"--train-context", "--beta-coef", "--beta-mode", "--max-queue", "--max-body"} <= flags
+    titles = [g.title for g in ours._action_groups]
+    assert titles.index("DroPE") < min(i for i, t in enumerate(titles) if t not in ("positional arguments", "options", "DroPE"))
+    for flag in ("--gpu-memory-utilization", "--quantization", "--kv-cache-dtype", "--max-num-batched-tokens",
+                 "--enable-chunked-prefill", "--speculative-config", "--enable-lora", "--tensor-parallel-size"):
+        assert flag in flags, flag
+
+
+def test_help_runs_and_lists_aliases():
+    out = subprocess.run([sys.executable, "-m", "server", "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "--beta-coef" in out.stdout and "llama2-7b-drope" in out.stdout
+
+
+def test_drope_defaults_to_8x_train_context_with_auto_fit(tiny_checkpoint):
+    ckpt = tiny_checkpoint("llama", DropeConfig(train_context=L, beta_coef=0.2), max_position_embeddings=2048)
+    args = parse("--model", str(ckpt))
+    drope = prepare(args, on_cpu=True)
+    assert drope.train_context == L and drope.beta_coef == 0.2
+    assert args.max_model_len == -1  # vLLM's auto-fit: 8 x L_train, or what the KV cache holds
+    assert args.hf_overrides["max_position_embeddings"] == 8 * L and args.hf_overrides["drope_train_context"] == L
+    assert args.enforce_eager is True and args.kv_cache_memory_bytes == 2 * 2**30  # CPU defaults
+
+
+def test_flags_win_and_a_longer_context_raises_the_position_limit(tiny_checkpoint):
+    ckpt = tiny_checkpoint("llama", DropeConfig(train_context=L, beta_coef=0.2))
+    args = parse("--model", str(ckpt), "--beta-coef", "0.5", "--beta-mode", "floor", "--train-context", "128",
+                 "--max-model-len", "20000", "--no-enforce-eager")
+    drope = prepare(args, on_cpu=True)
+    assert (drope.beta_coef, drope.beta_mode, drope.train_context) == (0.5, "floor", 128)
+    o = args.hf_overrides
+    assert (o["drope_beta_coef"], o["drope_beta_mode"], o["drope_train_context"]) == (0.5, "floor", 128)
+    assert o["max_position_embeddings"] == 20000 and args.max_model_len == 20000 and args.enforce_eager is False
+
+
+def test_raising_only_max_position_embeddings_keeps_l_train(tiny_checkpoint, tmp_path):
+    """The footgun: a Sakana-format file states L_train only as max_position_embeddings."""
+    src = tiny_checkpoint("llama", DropeConfig(train_context=L, beta_coef=0.2))
+    ckpt = tmp_path / "sakana"
+    shutil.copytree(src, ckpt)
+    cfg = json.loads((ckpt / "config.json").read_text())
+    del cfg["drope_train_context"]
+    cfg["max_position_embeddings"] = L
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    args = parse("--model", str(ckpt), "--hf-overrides", '{"max_position_embeddings": 4096}')
+    assert prepare(args, on_cpu=True).train_context == L
+    assert args.hf_overrides["drope_train_context"] == L
 
 
 def test_beta_flags_on_a_rope_checkpoint_are_refused(tiny_checkpoint):
     with pytest.raises(ServerConfigError, match="apply to DroPE checkpoints"):
-        resolve(ServerConfig(model=str(tiny_checkpoint("llama", None)), beta_coef=0.1))
-    m = resolve(ServerConfig(model=str(tiny_checkpoint("llama", None))))
-    assert m.drope is None and m.max_model_len is None and "hf_overrides" not in engine_kwargs(ServerConfig(), m)
+        prepare(parse("--model", str(tiny_checkpoint("llama", None)), "--beta-coef", "0.1"), on_cpu=True)
+    args = parse("--model", str(tiny_checkpoint("llama", None)))
+    assert prepare(args, on_cpu=True) is None and args.max_model_len is None and not args.hf_overrides
+
+
+def test_queue_and_body_options(tiny_checkpoint):
+    ckpt = str(tiny_checkpoint("llama", None))
+    args = parse("--model", ckpt)
+    prepare(args, on_cpu=True)
+    opts = options_from_args(args)
+    assert opts.max_queue == 256 and opts.max_body_bytes == 32 * 2**20
+    args = parse("--model", ckpt, "--max-queue", "3", "--max-body", "512", "--api-key", "k1")
+    prepare(args, on_cpu=True)
+    opts = options_from_args(args)
+    assert (opts.max_queue, opts.max_body_bytes, opts.api_keys) == (3, 512, ("k1",))
+    for bad, msg in ((["--max-queue", "-1"], "max-queue"), (["--max-body", "0"], "max-body"),
+                     (["--max-body", "huge"], "size"), (["--max-queue", "2", "--max-num-queued-reqs", "9"], "not both")):
+        with pytest.raises(ServerConfigError, match=msg):
+            prepare(parse("--model", ckpt, *bad), on_cpu=True)
 
 
 def test_unknown_model_offline_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ServerConfigError, match="cannot read config.json"):
-        resolve(ServerConfig(model="nobody/no-such-model"))
+        prepare(parse("--model", "nobody/no-such-model"), on_cpu=True)
     assert ALIASES["llama2-7b-drope"] == "SakanaAI/Llama-2-7b-hf-DroPE"
+    assert ALIASES["smollm-360m-drope"] == "SakanaAI/SmolLM-360M-DroPE"
 
 
-def test_cli_flags_are_locked():
-    """Renaming a flag breaks users' scripts: this list changes only on purpose."""
-    flags = {s for a in build_parser()._actions for s in a.option_strings}
-    assert flags >= {
-        "--model", "--host", "--port", "--max-model-len", "--beta-coef", "--beta-mode", "--train-context", "--dtype",
-        "--tensor-parallel-size", "--pipeline-parallel-size", "--distributed-executor-backend", "--kv-cache-memory",
-        "--max-num-seqs", "--enable-prefix-caching", "--served-model-name", "--chat-template", "--api-key",
-        "--max-queue", "--hf-overrides", "--max-body", "--shutdown-grace", "--enforce-eager", "--no-enforce-eager",
-    }
-    cfg = config_from_args(build_parser().parse_args(["--kv-cache-memory", "1GiB", "--max-queue", "3"]))
-    assert cfg.kv_cache_memory_bytes == 2**30 and cfg.max_queue == 3
-    with pytest.raises(ServerConfigError, match="not valid JSON"):
-        config_from_args(build_parser().parse_args(["--hf-overrides", "{x"]))
-    with pytest.raises(ServerConfigError, match="max-queue"):
-        ServerConfig(max_queue=-1)
+# --- The same defaults in a plain vLLM engine: what `vllm serve <DroPE checkpoint>` gets. ---
+
+
+def test_plain_vllm_serves_8x_train_context(tiny_checkpoint):
+    ckpt = tiny_checkpoint("llama", DropeConfig(train_context=L, beta_coef=0.3), max_position_embeddings=2048)
+    with vllm_engine(ckpt, max_model_len=None) as llm:
+        mc = llm.llm_engine.model_config
+        assert mc.max_model_len == 8 * L and mc.hf_config.drope_train_context == L
+
+
+def test_plain_vllm_auto_fits_a_small_kv_cache(tiny_checkpoint):
+    # tiny: 2 layers x 2 KV heads x 32 dims x 2 (K, V) x 4 bytes = 1 KiB per token in float32
+    ckpt = tiny_checkpoint("llama", DropeConfig(train_context=L, beta_coef=0.3))
+    with vllm_engine(ckpt, max_model_len=None, kv_cache_memory_bytes=300 * 1024, max_num_batched_tokens=512) as llm:
+        assert llm.llm_engine.model_config.max_model_len < 8 * L
+
+
+def test_plain_vllm_keeps_l_train_when_only_the_position_limit_is_raised(tiny_checkpoint, tmp_path):
+    """Sakana format (no drope_train_context), limit raised through hf_overrides: beta still starts at L."""
+    src = tiny_checkpoint("llama", DropeConfig(train_context=L, beta_coef=0.5), seed=3)
+    ckpt = tmp_path / "sakana"
+    shutil.copytree(src, ckpt)
+    cfg = json.loads((ckpt / "config.json").read_text())
+    del cfg["drope_train_context"]
+    cfg["max_position_embeddings"] = L
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    ids = prompt(300, seed=9)
+    with vllm_engine(ckpt, max_model_len=1024, hf_overrides={"max_position_embeddings": 1024}) as llm:
+        assert llm.llm_engine.model_config.hf_config.drope_train_context == L
+        ((raised, _, _, _),) = vllm_run(llm, [ids])
+    with vllm_engine(src, max_model_len=1024, hf_overrides={"max_position_embeddings": 1024}) as llm:  # L stated
+        ((explicit, _, _, _),) = vllm_run(llm, [ids])
+    assert (raised - explicit).abs().max() < 1e-5
