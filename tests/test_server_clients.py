@@ -138,3 +138,38 @@ def test_storm_of_streams_with_random_disconnects(server):
     assert rss_after <= 1.10 * rss_before, (rss_before / 2**20, rss_after / 2**20)
     r = httpx.post(base + "/v1/completions", json={"model": "tiny", "prompt": "still ok", "max_tokens": 4}, timeout=30)
     assert r.status_code == 200
+
+
+def test_tokenising_a_huge_prompt_does_not_stall_other_streams(server):
+    """vLLM tokenises in its renderer thread pool: a 2M-byte prompt must not freeze a running stream."""
+    base = server["base"]
+    huge = "lorem ipsum dolor sit amet " * 80_000  # ~2.2 MB; with the byte tokenizer, ~2.2M tokens
+
+    async def stream_gaps() -> list[float]:
+        gaps, last = [], None
+        async with httpx.AsyncClient(base_url=base, timeout=120) as c:
+            body = {"model": "tiny", "prompt": "x", "max_tokens": 400, "ignore_eos": True, "stream": True}
+            async with c.stream("POST", "/v1/completions", json=body) as r:
+                async for line in r.aiter_lines():
+                    if line.startswith("data: {"):
+                        now = time.perf_counter()
+                        if last is not None:
+                            gaps.append(now - last)
+                        last = now
+        return gaps
+
+    async def tokenize() -> float:
+        await asyncio.sleep(0.2)  # let the stream start
+        t0 = time.perf_counter()
+        async with httpx.AsyncClient(base_url=base, timeout=120) as c:
+            r = await c.post("/tokenize", json={"model": "tiny", "prompt": huge})
+        assert r.status_code == 200 and r.json()["count"] >= len(huge)
+        return time.perf_counter() - t0
+
+    async def both():
+        return await asyncio.gather(stream_gaps(), tokenize())
+
+    gaps, took = asyncio.run(both())
+    assert took > 0.3, took  # long enough that a stall would show
+    print(f"tokenize {took:.2f} s, longest gap between stream chunks {max(gaps):.3f} s")
+    assert max(gaps) < 0.5 * took, (max(gaps), took)
