@@ -1,23 +1,24 @@
-"""Our server vs vanilla vLLM's OpenAI server vs plain transformers generate, side by side in one run.
+"""drope-server vs vanilla vLLM's server vs transformers, and drope-server's CPU defaults, in one run.
 
-Same RoPE checkpoint, same machine, same engine settings (dtype, eager, KV cache,
-max sequences) for both servers; loadtest.bench drives them with the identical
-request set at concurrency 1 and 16 (fixed concurrency, EOS ignored). transformers
-runs `generate` on the same prompts: one at a time for concurrency 1, one padded
-batch of 16 for concurrency 16 (static batching, its best case); its TTFT is the
-time of a 1-token generate on the same input.
+Part 1 (overhead): the same RoPE checkpoint served by drope-server and by vLLM's own
+OpenAI server with every plugin off (VLLM_PLUGINS=""), identical engine flags and
+environment, driven by vLLM's own `vllm bench serve` (random prompts, EOS ignored,
+fixed concurrency 1 and 16). transformers runs `generate` on prompts of the same
+length: one at a time for concurrency 1, one batch of 16 for concurrency 16.
 
-Also a 16K-token prompt on the SmolLM2-135M DroPE checkpoint (converted here,
-L_train 8192, so s = 2) through our server: TTFT and the peak RSS of the server's
-process tree.
+Part 2 (CPU defaults, skipped on GPU): drope-server on SmolLM2-135M (bf16, as
+served by default) with vLLM-CPU's own core layout (one core for the worker, one
+reserved for the API / engine processes) and with the worker bound to every core
+(VLLM_CPU_OMP_THREADS_BIND=0-N, VLLM_CPU_NUM_OF_RESERVED_CPU=0): concurrency 1 and
+16, then a 16K-token prompt on the SmolLM2 DroPE conversion (L_train 8192, s = 2):
+TTFT, decode tokens/s after it, and the server's peak RSS.
 
-    .venv/bin/python benchmarks/serving.py [--models tiny,smollm2] [--requests 32] [--skip-16k]
+    .venv/bin/python benchmarks/serving.py [--models tiny,smollm2] [--prompts 32] [--skip-defaults]
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import platform
 import signal
@@ -35,7 +36,6 @@ import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-
 KV_BYTES = 1 << 30
 
 
@@ -45,16 +45,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(kind: str, model_dir: Path, port: int, extra: list[str], log: Path) -> subprocess.Popen:
-    common = ["--port", str(port), "--dtype", "float32", "--enforce-eager", "--max-num-seqs", "16"]
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
+def start(kind: str, model_dir: Path, flags: list[str], env: dict[str, str], log: Path) -> tuple[subprocess.Popen, int]:
+    port = free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **env}
+    common = ["--model", str(model_dir), "--port", str(port), "--served-model-name", "m", *flags]
     if kind == "ours":
-        cmd = [sys.executable, "-m", "server", "--model", str(model_dir), "--kv-cache-memory", str(KV_BYTES), *common, *extra]
-    else:
-        # Vanilla vLLM, our plugin switched off. (`vllm serve` fails on vllm-cpu; see shared/VLLM_CPU.md.)
+        cmd = [sys.executable, "-m", "server", *common]
+    else:  # vanilla vLLM; its `vllm serve` console script fails on vllm-cpu, this module does not
         env["VLLM_PLUGINS"] = ""
-        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
-               "--kv-cache-memory-bytes", str(KV_BYTES), *common, *extra]
+        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", *common]
     proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env, cwd=ROOT)
     deadline = time.time() + 300
     while time.time() < deadline:
@@ -62,7 +61,7 @@ def start(kind: str, model_dir: Path, port: int, extra: list[str], log: Path) ->
             raise SystemExit(f"{kind} server died:\n{log.read_text()[-3000:]}")
         try:
             if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return proc
+                return proc, port
         except httpx.HTTPError:
             pass
         time.sleep(1)
@@ -73,150 +72,185 @@ def start(kind: str, model_dir: Path, port: int, extra: list[str], log: Path) ->
 def stop(proc: subprocess.Popen) -> None:
     proc.send_signal(signal.SIGTERM)
     try:
-        proc.wait(timeout=60)
+        proc.wait(timeout=90)
     except subprocess.TimeoutExpired:
         proc.kill()
 
 
-def bench_server(port: int, spec, requests) -> dict:
-    from loadtest.bench import run_load
-    from loadtest.endpoint import connect
+def vllm_bench(port: int, tokenizer: Path, prompts: int, conc: int, inp: int, out: int) -> dict:
+    """vLLM's own `vllm bench serve`, called in-process (its console script fails on vllm-cpu)."""
+    from vllm.benchmarks.serve import add_cli_args, main
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
 
-    ep = connect(f"http://127.0.0.1:{port}", None)
-    return asyncio.run(run_load(ep, spec, requests, progress=False))
+    parser = FlexibleArgumentParser()
+    add_cli_args(parser)
+    args = parser.parse_args([
+        "--backend", "openai", "--base-url", f"http://127.0.0.1:{port}", "--model", "m",
+        "--tokenizer", str(tokenizer), "--dataset-name", "random", "--random-input-len", str(inp),
+        "--random-output-len", str(out), "--num-prompts", str(prompts), "--max-concurrency", str(conc),
+        "--ignore-eos", "--seed", str(conc), "--percentile-metrics", "ttft,tpot,itl,e2el", "--disable-tqdm",
+    ])
+    return main(args)
 
 
-def bench_transformers(model_dir: Path, requests, concurrency: int) -> dict:
+def bench_transformers(model_dir: Path, prompts: int, conc: int, inp: int, out: int) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(conc)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    vocab = model.config.vocab_size
     pad = model.config.eos_token_id if isinstance(model.config.eos_token_id, int) else 0
-    groups = [requests[i : i + concurrency] for i in range(0, len(requests), concurrency)]
-    out_tokens, ttfts, t0 = 0, [], time.perf_counter()
+    ttfts, tokens, busy = [], 0, 0.0
     with torch.no_grad():
-        for g in groups:
-            ids = torch.tensor([p for p, _, _ in g])  # equal lengths: no padding needed
-            n_out = g[0][2]
+        for _ in range(prompts // conc):
+            ids = torch.randint(0, vocab, (conc, inp), generator=g)
+            kw = dict(attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=pad)
             t = time.perf_counter()
-            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=1, min_new_tokens=1,
-                           do_sample=False, pad_token_id=pad)
+            model.generate(ids, max_new_tokens=1, min_new_tokens=1, **kw)
             ttfts.append(time.perf_counter() - t)
-            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n_out, min_new_tokens=n_out,
-                           do_sample=False, pad_token_id=pad)
-            out_tokens += n_out * len(g)
-    wall = time.perf_counter() - t0 - sum(ttfts)  # the 1-token probes are not part of the throughput run
-    return {"output_throughput": out_tokens / wall, "ttft_s": {"p50": statistics.median(ttfts),
-                                                               "p99": sorted(ttfts)[int(0.99 * (len(ttfts) - 1))]}}
+            t = time.perf_counter()
+            model.generate(ids, max_new_tokens=out, min_new_tokens=out, **kw)
+            busy += time.perf_counter() - t
+            tokens += out * conc
+    return {"output_throughput": tokens / busy, "median_ttft_ms": 1e3 * statistics.median(ttfts)}
 
 
-def long_prompt(model_dir: Path, tmp: Path, n_tokens: int) -> dict:
-    from loadtest.endpoint import connect, load_tokenizer
-    from loadtest.text import TokenCorpus
-    from model_patches.convert import convert
+class PeakRSS:
+    """Samples the RSS of a process tree every 50 ms."""
 
-    drope = tmp / "smollm2-drope"
-    convert(model_dir, drope, attention_type="nope", train_context=8192, beta_coef=0.1, overwrite=True)
-    port = free_port()
-    proc = start("ours", drope, port, ["--max-model-len", str(n_tokens + 64)], tmp / "long.log")
-    try:
-        tree = psutil.Process(proc.pid)
-        peak = [0]
-        stop_flag = threading.Event()
+    def __init__(self, pid: int):
+        self.tree, self.peak, self._stop = psutil.Process(pid), 0, threading.Event()
+        self.idle = self.now()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
 
-        def sample():
-            while not stop_flag.is_set():
-                try:
-                    rss = sum(p.memory_info().rss for p in [tree, *tree.children(recursive=True)])
-                    peak[0] = max(peak[0], rss)
-                except psutil.Error:
-                    pass
-                time.sleep(0.05)
+    def now(self) -> int:
+        return sum(p.memory_info().rss for p in [self.tree, *self.tree.children(recursive=True)])
 
-        idle_rss = sum(p.memory_info().rss for p in [tree, *tree.children(recursive=True)])
-        th = threading.Thread(target=sample, daemon=True)
-        th.start()
-        ep = connect(f"http://127.0.0.1:{port}", None)
-        ids = TokenCorpus(load_tokenizer(ep)).prefix(n_tokens)
-        t = time.perf_counter()
-        r = httpx.post(f"{ep.base_url}/completions", json={"model": ep.model, "prompt": ids, "max_tokens": 1,
-                                                           "temperature": 0}, timeout=3600)
-        ttft = time.perf_counter() - t
-        stop_flag.set()
-        th.join()
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.peak = max(self.peak, self.now())
+            except psutil.Error:
+                pass
+            time.sleep(0.05)
+
+    def close(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return self.peak
+
+
+def long_prompt(port: int, n_tokens: int, decode: int, pid: int) -> dict:
+    from model_patches.assets import paul_graham_essays_dir
+
+    text = " ".join(p.read_text() for p in sorted(paul_graham_essays_dir().glob("*.txt")))
+    base = f"http://127.0.0.1:{port}"
+    ids = httpx.post(base + "/tokenize", json={"model": "m", "prompt": text, "add_special_tokens": False},
+                     timeout=600).json()["tokens"][:n_tokens]
+    rss = PeakRSS(pid)
+    t0, first, n = time.perf_counter(), None, 0
+    body = {"model": "m", "prompt": ids, "max_tokens": decode, "min_tokens": decode, "temperature": 0, "stream": True}
+    with httpx.stream("POST", base + "/v1/completions", json=body, timeout=3600) as r:
         r.raise_for_status()
-        return {"prompt_tokens": r.json()["usage"]["prompt_tokens"], "ttft_s": ttft, "idle_rss": idle_rss,
-                "peak_rss": peak[0]}
-    finally:
-        stop(proc)
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                n += 1
+                first = first or time.perf_counter()
+    end = time.perf_counter()
+    return {"prompt_tokens": len(ids), "ttft_s": first - t0, "decode_tok_s": (n - 1) / (end - first),
+            "idle_rss": rss.idle, "peak_rss": rss.close()}
+
+
+def all_cores_env() -> dict[str, str]:
+    return {"VLLM_CPU_OMP_THREADS_BIND": f"0-{os.cpu_count() - 1}", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", default="tiny,smollm2", help="comma list of tiny, smollm2 (default: both)")
-    p.add_argument("--requests", type=int, default=32, help="measured requests per run (default: 32)")
+    p.add_argument("--prompts", type=int, default=32, help="requests per measurement (default: 32)")
     p.add_argument("--input-len", type=int, default=256, help="prompt tokens (default: 256)")
     p.add_argument("--output-len", type=int, default=64, help="output tokens (default: 64)")
     p.add_argument("--long-tokens", type=int, default=16384, help="long-prompt length (default: 16384)")
-    p.add_argument("--skip-16k", action="store_true", help="skip the long-prompt measurement")
+    p.add_argument("--skip-defaults", action="store_true", help="skip part 2 (CPU core-binding defaults)")
+    p.add_argument("--skip-transformers", action="store_true")
     args = p.parse_args(argv)
 
-    from loadtest.bench import Spec, make_requests
-    from loadtest.text import TokenCorpus
     from model_patches.assets import smollm2_hf_dir
+    from model_patches.convert import convert
     from model_patches.tiny import build_tiny_checkpoint
-    from transformers import AutoTokenizer
 
-    rows, long = [], None
+    # Both servers get the same flags and the same environment: only our code differs.
+    flags = ["--dtype", "float32", "--enforce-eager", "--max-num-seqs", "16", "--kv-cache-memory-bytes", str(KV_BYTES)]
+    same_env = all_cores_env()
+    overhead, defaults = [], []
     with tempfile.TemporaryDirectory() as tmp_s:
         tmp = Path(tmp_s)
         for name in args.models.split(","):
             model_dir = (build_tiny_checkpoint(tmp / "tiny", "llama", hidden_size=256, num_layers=4,
-                                               max_position_embeddings=4096)
-                         if name == "tiny" else smollm2_hf_dir())
-            corpus = TokenCorpus(AutoTokenizer.from_pretrained(model_dir))
+                                               max_position_embeddings=4096) if name == "tiny" else smollm2_hf_dir())
             for conc in (1, 16):
-                spec = Spec(input_len=args.input_len, output_len=args.output_len, num_requests=args.requests,
-                            max_concurrency=conc, warmup=2, seed=conc)
-                reqs = make_requests(spec, corpus)
                 res = {}
                 for kind in ("vllm", "ours"):
-                    port = free_port()
-                    proc = start(kind, model_dir, port, [], tmp / f"{name}-{kind}-{conc}.log")
+                    proc, port = start(kind, model_dir, flags, same_env, tmp / f"{name}-{kind}-{conc}.log")
                     try:
-                        res[kind] = bench_server(port, spec, reqs)
+                        res[kind] = vllm_bench(port, model_dir, args.prompts, conc, args.input_len, args.output_len)
                     finally:
                         stop(proc)
-                    print(f"[{name} c={conc}] {kind}: {res[kind]['output_throughput']:.0f} tok/s, "
-                          f"TTFT p50 {res[kind]['ttft_s']['p50'] * 1000:.1f} ms", file=sys.stderr, flush=True)
-                res["transformers"] = bench_transformers(model_dir, reqs, conc)
-                print(f"[{name} c={conc}] transformers: {res['transformers']['output_throughput']:.0f} tok/s",
+                if not args.skip_transformers:
+                    res["hf"] = bench_transformers(model_dir, args.prompts, conc, args.input_len, args.output_len)
+                overhead.append((name, conc, res))
+                print(f"[{name} c={conc}] " + ", ".join(f"{k} {v['output_throughput']:.0f} tok/s" for k, v in res.items()),
                       file=sys.stderr, flush=True)
-                rows.append((name, conc, res))
-        if not args.skip_16k:
-            long = long_prompt(smollm2_hf_dir(), tmp, args.long_tokens)
+        import torch
 
-    import torch
+        if not args.skip_defaults and not torch.cuda.is_available():
+            smol = smollm2_hf_dir()
+            drope = tmp / "smollm2-drope"
+            convert(smol, drope, attention_type="nope", train_context=8192, beta_coef=0.1, overwrite=True)
+            for label, env in (("vLLM-CPU default (1 core + 1 reserved)", {}), ("all cores (ours)", all_cores_env())):
+                row = {}
+                for conc in (1, 16):
+                    proc, port = start("ours", smol, ["--max-num-seqs", "16"], env, tmp / f"d-{conc}.log")
+                    try:
+                        row[conc] = vllm_bench(port, smol, args.prompts, conc, args.input_len, args.output_len)
+                    finally:
+                        stop(proc)
+                proc, port = start("ours", drope, ["--max-model-len", str(args.long_tokens + 128),
+                                                   "--kv-cache-memory-bytes", str(KV_BYTES)], env, tmp / "d-long.log")
+                try:
+                    row["long"] = long_prompt(port, args.long_tokens, 64, proc.pid)
+                finally:
+                    stop(proc)
+                defaults.append((label, env, row))
+                print(f"[defaults] {label}: {row['long']}", file=sys.stderr, flush=True)
+
     import vllm
 
-    print("\n=== serving: drope-server vs vanilla vLLM OpenAI server vs transformers generate ===")
-    print(f"command : {' '.join(['python', 'benchmarks/serving.py', *(argv if argv is not None else sys.argv[1:])])}")
+    print("\n=== serving: drope-server vs vanilla vLLM server vs transformers; CPU defaults ===")
+    print(f"command : python benchmarks/serving.py {' '.join(argv if argv is not None else sys.argv[1:])}")
     print(f"machine : {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, vllm {vllm.__version__}; "
-          f"float32, eager, KV cache {KV_BYTES >> 20} MiB, max 16 seqs; {args.requests} requests of "
-          f"{args.input_len} + {args.output_len} tokens")
-    print(f"{'model':<8}{'conc':>5}{'ours tok/s':>12}{'vLLM tok/s':>12}{'HF tok/s':>10}{'ours/vLLM':>10}{'ours/HF':>9}"
-          f"{'TTFT p50 ours/vLLM ms':>24}{'TTFT p99 ours/vLLM ms':>24}")
-    for name, conc, r in rows:
-        o, v, h = r["ours"], r["vllm"], r["transformers"]
-        print(f"{name:<8}{conc:>5}{o['output_throughput']:>12.0f}{v['output_throughput']:>12.0f}{h['output_throughput']:>10.0f}"
-              f"{o['output_throughput'] / v['output_throughput']:>10.2f}{o['output_throughput'] / h['output_throughput']:>9.1f}"
-              f"{o['ttft_s']['p50'] * 1e3:>13.1f} /{v['ttft_s']['p50'] * 1e3:>8.1f}"
-              f"{o['ttft_s']['p99'] * 1e3:>15.1f} /{v['ttft_s']['p99'] * 1e3:>7.1f}")
-    if long:
-        print(f"long prompt: {long['prompt_tokens']} tokens on SmolLM2-135M DroPE (L_train 8192, s = "
-              f"{long['prompt_tokens'] / 8192:.2f}) via drope-server: TTFT {long['ttft_s']:.1f} s, server RSS "
-              f"{long['idle_rss'] / 2**30:.2f} GiB idle -> {long['peak_rss'] / 2**30:.2f} GiB peak")
+          f"{args.prompts} requests of {args.input_len} + {args.output_len} tokens (vllm bench serve, random, ignore_eos)")
+    print("part 1  : float32, eager, 16 seqs, 1 GiB KV, same env for both servers: " + str(same_env))
+    print(f"{'model':<8}{'conc':>5}{'ours tok/s':>11}{'vLLM tok/s':>11}{'HF tok/s':>9}{'ours/vLLM':>10}{'ours/HF':>8}"
+          f"{'TTFT p50 ms ours/vLLM':>23}{'ratio':>7}")
+    for name, conc, r in overhead:
+        o, v, h = r["ours"], r["vllm"], r.get("hf")
+        print(f"{name:<8}{conc:>5}{o['output_throughput']:>11.0f}{v['output_throughput']:>11.0f}"
+              f"{h['output_throughput'] if h else float('nan'):>9.0f}"
+              f"{o['output_throughput'] / v['output_throughput']:>10.3f}"
+              f"{o['output_throughput'] / h['output_throughput'] if h else float('nan'):>8.2f}"
+              f"{o['median_ttft_ms']:>13.1f} /{v['median_ttft_ms']:>8.1f}{o['median_ttft_ms'] / v['median_ttft_ms']:>7.3f}")
+    if defaults:
+        print("part 2  : SmolLM2-135M (bf16) through drope-server; 16K prompt on its DroPE conversion (L_train 8192)")
+        print(f"{'layout':<42}{'c=1 tok/s':>10}{'c=16 tok/s':>11}{'c=16 TTFT p50 ms':>17}{'16K TTFT s':>11}"
+              f"{'decode tok/s':>13}{'peak RSS GiB':>13}")
+        for label, _, r in defaults:
+            lg = r["long"]
+            print(f"{label:<42}{r[1]['output_throughput']:>10.1f}{r[16]['output_throughput']:>11.1f}"
+                  f"{r[16]['median_ttft_ms']:>17.0f}{lg['ttft_s']:>11.1f}{lg['decode_tok_s']:>13.1f}{lg['peak_rss'] / 2**30:>13.2f}")
     return 0
 
 
