@@ -2,7 +2,7 @@
 #   GPU (default): docker build -t drope-server .
 #                  docker run --gpus all -p 8000:8000 drope-server --model llama2-7b-drope
 #   CPU:           docker build --build-arg VARIANT=cpu -t drope-server:cpu .
-#                  docker run -p 8000:8000 drope-server:cpu --kv-cache-memory 8GiB
+#                  docker run -p 8000:8000 drope-server:cpu --kv-cache-memory-bytes 8G
 # Weights come from the Hugging Face hub at first start; mount a cache to keep them:
 #   -v ~/.cache/huggingface:/root/.cache/huggingface
 ARG VARIANT=gpu

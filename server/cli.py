@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
             action.help += f" (drope-server default: {DEFAULT_SHUTDOWN_TIMEOUT_S})"
         if "--enforce-eager" in action.option_strings:
             action.default = None  # decided per platform in prepare(): eager on CPU
-            action.help += " (drope-server: on by default on CPU, off on GPU)"
+            action.help += " (drope-server: on by default on CPU, where compiling costs ~50 s of start-up; off on GPU)"
     return parser
 
 

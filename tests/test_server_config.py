@@ -38,7 +38,12 @@ def prepare(args, on_cpu=True, environ=None):
 
 def test_parse_bytes_plain_numbers_are_bytes():
     assert parse_bytes("512") == 512 and parse_bytes("64KiB") == 65536 and parse_bytes("32MiB") == 32 * 2**20
-    assert parse_bytes("1GB") == 10**9 and parse_bytes("2G") == 2 * 10**9 and parse_bytes("1.5KiB") == 1536
+    assert parse_bytes("1GB") == 10**9 and parse_bytes("1.5KiB") == 1536
+    # The same letters mean the same as in vLLM's own size flags (--kv-cache-memory-bytes).
+    from vllm.utils.argparse_utils import human_readable_int
+
+    for text in ("64K", "64k", "32M", "2G", "2g"):
+        assert parse_bytes(text) == human_readable_int(text), text
     for bad in ("lots", "12 parsecs", "-5", ""):
         with pytest.raises(ServerConfigError, match="size"):
             parse_bytes(bad)
