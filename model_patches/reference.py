@@ -45,15 +45,16 @@ class _PinnedTrainContext:
     afterwards (vLLM's ``hf_overrides``, which are applied to the built config, or a
     user's ``--hf-overrides '{"max_position_embeddings": 32768}'``) would silently
     move L_train and turn beta off. With no RoPE the limit means nothing to the
-    model, so it is set here to the serving default, 8 x L_train: plain
+    model, so it is raised here to at least the serving default, 8 x L_train: plain
     ``vllm serve <DroPE checkpoint>`` then serves past the training length as is.
     """
 
     def __post_init__(self, **kwargs: Any) -> None:
         super().__post_init__(**kwargs)
-        train_context = getattr(self, TRAIN_CONTEXT_KEY, None) or self.max_position_embeddings
-        setattr(self, TRAIN_CONTEXT_KEY, train_context)
-        self.max_position_embeddings = DEFAULT_CONTEXT_MULTIPLE * train_context
+        if getattr(self, TRAIN_CONTEXT_KEY, None) is None:
+            setattr(self, TRAIN_CONTEXT_KEY, self.max_position_embeddings)
+        drope = DropeConfig.from_hf_config(self)  # a bad checkpoint fails here, with one clear message
+        self.max_position_embeddings = max(self.max_position_embeddings, DEFAULT_CONTEXT_MULTIPLE * drope.train_context)
 
 
 class DroPELlamaConfig(_PinnedTrainContext, LlamaConfig):

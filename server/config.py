@@ -18,7 +18,6 @@ from typing import Any
 from vllm.logger import init_logger
 
 from model_patches.config import (
-    DEFAULT_CONTEXT_MULTIPLE,
     TRAIN_CONTEXT_KEY,
     DropeConfig,
     is_drope_config,
@@ -137,12 +136,13 @@ def prepare(args: argparse.Namespace, on_cpu: bool, environ: MutableMapping[str,
         # The engine re-reads config.json; our config classes pin L_train there the
         # same way, and these overrides carry the flags.
         overrides.update(drope.to_hf_fields())
-        default_len = DEFAULT_CONTEXT_MULTIPLE * drope.train_context
         if args.max_model_len is None:
-            # 8 x L_train, lowered by vLLM's own KV-cache auto-fit (with its warning).
+            # The config's default context (at least 8 x L_train, model_patches/reference.py),
+            # lowered by vLLM's own KV-cache auto-fit, with its warning.
             args.max_model_len = -1
-        # Without RoPE the position limit is only vLLM's length check: raise it to what is asked.
-        overrides["max_position_embeddings"] = max(args.max_model_len, default_len)
+        if args.max_model_len > 0:
+            # Without RoPE the position limit is only vLLM's length check: raise it to what is asked.
+            overrides["max_position_embeddings"] = max(args.max_model_len, overrides.get("max_position_embeddings", 0))
         args.hf_overrides = overrides
     elif any(v is not None for v in (args.train_context, args.beta_coef, args.beta_mode)):
         raise ServerConfigError(

@@ -71,13 +71,13 @@ def test_help_runs_and_lists_aliases():
     assert "--beta-coef" in out.stdout and "llama2-7b-drope" in out.stdout
 
 
-def test_drope_defaults_to_8x_train_context_with_auto_fit(tiny_checkpoint):
-    ckpt = tiny_checkpoint("llama", DropeConfig(train_context=L, beta_coef=0.2), max_position_embeddings=2048)
+def test_drope_defaults_to_the_configs_context_with_auto_fit(tiny_checkpoint):
+    ckpt = tiny_checkpoint("llama", DropeConfig(train_context=L, beta_coef=0.2), max_position_embeddings=L)
     args = parse("--model", str(ckpt))
     drope = prepare(args, on_cpu=True)
     assert drope.train_context == L and drope.beta_coef == 0.2
-    assert args.max_model_len == -1  # vLLM's auto-fit: 8 x L_train, or what the KV cache holds
-    assert args.hf_overrides["max_position_embeddings"] == 8 * L and args.hf_overrides["drope_train_context"] == L
+    assert args.max_model_len == -1  # vLLM's auto-fit of the config's 8 x L_train (engine tests below)
+    assert "max_position_embeddings" not in args.hf_overrides and args.hf_overrides["drope_train_context"] == L
     assert args.enforce_eager is True and args.kv_cache_memory_bytes == 2 * 2**30  # CPU defaults
 
 
@@ -158,17 +158,20 @@ def test_unknown_model_offline_is_a_clear_error(monkeypatch):
 
 
 def test_plain_vllm_serves_8x_train_context(tiny_checkpoint):
-    ckpt = tiny_checkpoint("llama", DropeConfig(train_context=L, beta_coef=0.3), max_position_embeddings=2048)
+    ckpt = tiny_checkpoint("llama", DropeConfig(train_context=L, beta_coef=0.3), max_position_embeddings=L)
     with vllm_engine(ckpt, max_model_len=None) as llm:
         mc = llm.llm_engine.model_config
         assert mc.max_model_len == 8 * L and mc.hf_config.drope_train_context == L
+    # A file that states a longer limit keeps it (the tiny checkpoints say 2048).
+    with vllm_engine(tiny_checkpoint("llama", DropeConfig(train_context=L)), max_model_len=None) as llm:
+        assert llm.llm_engine.model_config.max_model_len == 2048
 
 
 def test_plain_vllm_auto_fits_a_small_kv_cache(tiny_checkpoint):
     # tiny: 2 layers x 2 KV heads x 32 dims x 2 (K, V) x 4 bytes = 1 KiB per token in float32
     ckpt = tiny_checkpoint("llama", DropeConfig(train_context=L, beta_coef=0.3))
     with vllm_engine(ckpt, max_model_len=None, kv_cache_memory_bytes=300 * 1024, max_num_batched_tokens=512) as llm:
-        assert llm.llm_engine.model_config.max_model_len < 8 * L
+        assert llm.llm_engine.model_config.max_model_len <= 300
 
 
 def test_plain_vllm_keeps_l_train_when_only_the_position_limit_is_raised(tiny_checkpoint, tmp_path):
