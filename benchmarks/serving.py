@@ -2,11 +2,11 @@
 
 Part 1 (overhead): the same RoPE checkpoint served by drope-server and by vLLM's own
 OpenAI server with every plugin off (VLLM_PLUGINS=""), identical engine flags and
-environment, driven by vLLM's own `vllm bench serve` (random prompts, EOS ignored,
-fixed concurrency 1 and 16). transformers runs `generate` on prompts of the same
+environment, both up at once and driven alternately by vLLM's own `vllm bench serve`
+(random prompts, EOS ignored, fixed concurrency 1 and 16); medians of --rounds. transformers runs `generate` on prompts of the same
 length: one at a time for concurrency 1, one batch of 16 for concurrency 16.
 
-Part 2 (CPU defaults, skipped on GPU): drope-server on SmolLM2-135M (bf16, as
+Part 2 (CPU defaults, skipped on GPU): drope-server on SmolLM2-135M (float32, as
 served by default) with vLLM-CPU's own core layout (one core for the worker, one
 reserved for the API / engine processes) and with the worker bound to every core
 (VLLM_CPU_OMP_THREADS_BIND=0-N, VLLM_CPU_NUM_OF_RESERVED_CPU=0): concurrency 1 and
@@ -175,6 +175,7 @@ def main(argv=None) -> int:
     p.add_argument("--output-len", type=int, default=64, help="output tokens (default: 64)")
     p.add_argument("--long-tokens", type=int, default=16384, help="long-prompt length (default: 16384)")
     p.add_argument("--skip-defaults", action="store_true", help="skip part 2 (CPU core-binding defaults)")
+    p.add_argument("--rounds", type=int, default=3, help="alternating rounds per server and concurrency (default: 3)")
     p.add_argument("--skip-transformers", action="store_true")
     args = p.parse_args(argv)
 
@@ -191,17 +192,25 @@ def main(argv=None) -> int:
         for name in args.models.split(","):
             model_dir = (build_tiny_checkpoint(tmp / "tiny", "llama", hidden_size=256, num_layers=4,
                                                max_position_embeddings=4096) if name == "tiny" else smollm2_hf_dir())
-            for conc in (1, 16):
-                res = {}
-                for kind in ("vllm", "ours"):
-                    proc, port = start(kind, model_dir, flags, same_env, tmp / f"{name}-{kind}-{conc}.log")
-                    try:
-                        res[kind] = vllm_bench(port, model_dir, args.prompts, conc, args.input_len, args.output_len)
-                    finally:
-                        stop(proc)
+            # Both servers up at once, measured in alternating order, median of the rounds:
+            # run-to-run drift on a shared 2-core machine is larger than the overhead sought.
+            servers = {kind: start(kind, model_dir, flags, same_env, tmp / f"{name}-{kind}.log") for kind in ("vllm", "ours")}
+            try:
+                for conc in (1, 16):
+                    runs: dict[str, list[dict]] = {"vllm": [], "ours": []}
+                    for i in range(args.rounds):
+                        for kind in (("vllm", "ours") if i % 2 == 0 else ("ours", "vllm")):
+                            runs[kind].append(vllm_bench(servers[kind][1], model_dir, args.prompts, conc,
+                                                         args.input_len, args.output_len))
+                    res = {kind: {m: statistics.median(r[m] for r in rs) for m in ("output_throughput", "median_ttft_ms")}
+                           for kind, rs in runs.items()}
+                    overhead.append((name, conc, res))
+            finally:
+                for proc, _ in servers.values():
+                    stop(proc)
+            for _, conc, res in overhead[-2:]:
                 if not args.skip_transformers:
                     res["hf"] = bench_transformers(model_dir, args.prompts, conc, args.input_len, args.output_len)
-                overhead.append((name, conc, res))
                 print(f"[{name} c={conc}] " + ", ".join(f"{k} {v['output_throughput']:.0f} tok/s" for k, v in res.items()),
                       file=sys.stderr, flush=True)
         import torch
@@ -245,7 +254,8 @@ def main(argv=None) -> int:
               f"{o['output_throughput'] / h['output_throughput'] if h else float('nan'):>8.2f}"
               f"{o['median_ttft_ms']:>13.1f} /{v['median_ttft_ms']:>8.1f}{o['median_ttft_ms'] / v['median_ttft_ms']:>7.3f}")
     if defaults:
-        print("part 2  : SmolLM2-135M (bf16) through drope-server; 16K prompt on its DroPE conversion (L_train 8192)")
+        print("part 2  : SmolLM2-135M (float32, as the embedded default is served) through drope-server; "
+              "16K prompt on its DroPE conversion (L_train 8192)")
         print(f"{'layout':<42}{'c=1 tok/s':>10}{'c=16 tok/s':>11}{'c=16 TTFT p50 ms':>17}{'16K TTFT s':>11}"
               f"{'decode tok/s':>13}{'peak RSS GiB':>13}")
         for label, _, r in defaults:

@@ -14,6 +14,7 @@ from collections.abc import Iterable
 
 import torch
 from vllm.config import VllmConfig, get_current_vllm_config_or_none
+from vllm.logger import init_logger
 from vllm.model_executor.models.llama import (
     LlamaAttention,
     LlamaDecoderLayer,
@@ -23,6 +24,8 @@ from vllm.model_executor.models.llama import (
 from .beta import apply_query_scale, query_scale_table
 from .config import DropeConfig, DropeConfigError
 from .layers import FullWidthRMSNorm
+
+logger = init_logger(__name__)
 
 
 class DroPELlamaAttention(LlamaAttention):
@@ -87,9 +90,28 @@ class DroPELlamaForCausalLM(LlamaForCausalLM):
         super().__init__(vllm_config=vllm_config, prefix=prefix, layer_type=layer_type or self.decoder_layer_cls)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        loaded = super().load_weights(weights)
+        loaded = super().load_weights(skip_unused_norms(weights, DropeConfig.from_hf_config(self.config)))
         check_qk_norm_loaded(self, loaded)
         return loaded
+
+
+def skip_unused_norms(weights: Iterable[tuple[str, torch.Tensor]], drope: DropeConfig):
+    """Drop the norm a q_norm_nope / k_norm_nope checkpoint carries but does not use.
+
+    Sakana's QK-norm attention always builds both ``q_norm`` and ``k_norm`` and only
+    the forward decides which it applies, so their q_norm_nope checkpoints hold an
+    untrained ``k_norm`` (and vice versa).
+    """
+    unused = tuple(name for name, used in ((".q_norm.", drope.q_norm), (".k_norm.", drope.k_norm)) if not used)
+    skipped = 0
+    for name, tensor in weights:
+        if unused and any(u in name for u in unused):
+            skipped += 1
+            continue
+        yield name, tensor
+    if skipped:
+        logger.info("attention_type=%s: ignored %d unused %s weights in the checkpoint",
+                    drope.attention_type, skipped, "/".join(u.strip(".") for u in unused))
 
 
 def check_qk_norm_loaded(model: torch.nn.Module, loaded: set[str]) -> None:

@@ -53,7 +53,7 @@ def _register_serving_defaults() -> None:
 def _init_amx() -> None:
     # vLLM-CPU's attention kernel uses AMX tiles without asking the kernel for
     # them; a bf16 prefill of 1-4 tokens then dies with SIGILL. Asking once per
-    # process fixes it (shared/VLLM_CPU.md, trap 2).
+    # process fixes it (docs/vllm-cpu.md).
     import torch
 
     init = getattr(torch.cpu, "_init_amx", None)

@@ -33,8 +33,13 @@ from transformers.models.llama.modeling_llama import (
 )
 from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention, Qwen2ForCausalLM
 
+from transformers.utils import logging
+
 from .beta import scale_queries
 from .config import DEFAULT_CONTEXT_MULTIPLE, TRAIN_CONTEXT_KEY, DropeConfig, DropeConfigError
+
+
+logger = logging.get_logger(__name__)
 
 
 class _PinnedTrainContext:
@@ -147,9 +152,16 @@ class _DroPEModelMixin:
     _drope_attention: type[nn.Module]
 
     def _install_drope_attention(self, config: Any) -> None:
-        DropeConfig.from_hf_config(config)  # one clear error here rather than one per layer
+        drope = DropeConfig.from_hf_config(config)  # one clear error here rather than one per layer
         for layer in self.model.layers:
             layer.self_attn = self._drope_attention(config, layer.self_attn.layer_idx)
+        # Sakana's q_norm_nope / k_norm_nope checkpoints carry both norms (their attention
+        # module always builds both); the one this variant does not apply is not loaded.
+        unused = [n for n, used in (("q_norm", drope.q_norm), ("k_norm", drope.k_norm)) if not used]
+        if drope.q_norm != drope.k_norm:
+            self._keys_to_ignore_on_load_unexpected = [rf"\.self_attn\.{n}\." for n in unused]
+            logger.info("attention_type=%s: %s weights in the checkpoint, if any, are ignored",
+                        drope.attention_type, unused[0])
 
     @classmethod
     def from_pretrained(cls, *args: Any, **kwargs: Any):

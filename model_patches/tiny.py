@@ -51,8 +51,10 @@ def tiny_config_dict(
     max_position_embeddings: int = 2048,
     vocab_size: int = 320,
     tie_word_embeddings: bool = False,
+    **extra: Any,
 ) -> dict[str, Any]:
-    """config.json contents; ``drope=None`` gives the plain RoPE parent."""
+    """config.json contents; ``drope=None`` gives the plain RoPE parent; ``extra`` keys go in as they are
+    (e.g. Qwen2's ``use_sliding_window``, ``sliding_window``, ``max_window_layers``)."""
     if family not in PARENT_TO_DROPE:
         raise ValueError(f"family must be one of {sorted(PARENT_TO_DROPE)}, got {family!r}")
     model_type = family
@@ -79,7 +81,7 @@ def tiny_config_dict(
         model_type = PARENT_TO_DROPE[family]
         arch = FAMILIES[model_type][0]
         cfg.update(drope.to_hf_fields())
-    cfg.update(model_type=model_type, architectures=[arch])
+    cfg.update(model_type=model_type, architectures=[arch], **extra)
     return cfg
 
 

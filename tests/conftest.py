@@ -15,7 +15,7 @@ import sys
 import time
 
 # Before anything imports vLLM: engine in-process (starts in ~2 s instead of
-# 15), no hub, no usage reporting. See shared/VLLM_CPU.md.
+# 15), no hub, no usage reporting. See docs/vllm-cpu.md.
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")

@@ -132,3 +132,39 @@ def test_convert_refuses_to_overwrite_and_reports_errors(tiny_checkpoint, tmp_pa
     # A DroPE checkpoint is not converted twice.
     assert convert_main([str(dst), str(tmp_path / "again")]) == 2
     assert "already a DroPE checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("family,variant,unused", [("llama", "q_norm_nope", "k_norm"), ("qwen2", "k_norm_nope", "q_norm")])
+def test_single_norm_variants_ignore_the_other_norm_sakana_ships(tiny_checkpoint, tmp_path, family, variant, unused):
+    """Sakana's q_norm_nope / k_norm_nope checkpoints carry both norms; the unused one must not matter."""
+    src = tiny_checkpoint(family, DropeConfig(train_context=L, beta_coef=0.3, attention_type="qk_norm_nope"), seed=6)
+    ckpt = tmp_path / variant
+    shutil.copytree(src, ckpt)
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg["attention_type"] = variant
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    w = load_file(ckpt / "model.safetensors")
+    assert any(f".{unused}." in k for k in w)  # the unused norm really is in the file
+    # Scale the unused norm far from 1: if anything applied it, parity would break.
+    save_file({k: v * 5 if f".{unused}." in k else v for k, v in w.items()}, ckpt / "model.safetensors",
+              metadata={"format": "pt"})
+    ref = load_reference(ckpt)
+    p = prompt(3 * L, seed=4)
+    with vllm_engine(ckpt) as llm:
+        (got,) = vllm_run(llm, [p])
+    assert_parity(got, reference_run(ref, p), f"{family} {variant} with an unused {unused}")
+
+
+def test_qwen2_tied_embeddings_and_sliding_window_layers(tiny_checkpoint):
+    """Qwen2 options the DroPE classes inherit from vLLM's Llama code: tied lm_head, sliding-window layers."""
+    drope = DropeConfig(train_context=L, beta_coef=0.3, attention_type="qk_norm_nope")
+    ckpt = tiny_checkpoint("qwen2", drope, seed=12, tie_word_embeddings=True, use_sliding_window=True,
+                           sliding_window=48, max_window_layers=1)
+    cfg = json.loads((ckpt / "config.json").read_text())
+    assert cfg["tie_word_embeddings"] and "sliding_attention" in cfg["layer_types"], cfg.get("layer_types")
+    ref = load_reference(ckpt)
+    assert ref.lm_head.weight.data_ptr() == ref.model.embed_tokens.weight.data_ptr()
+    p = prompt(3 * L, seed=13)  # 192 tokens: far past the 48-token window
+    with vllm_engine(ckpt) as llm:
+        (got,) = vllm_run(llm, [p])
+    assert_parity(got, reference_run(ref, p), "qwen2 tied + sliding window")

@@ -10,9 +10,9 @@ falls -> fit beta -> the checkpoint loads in vLLM through model_patches and gene
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -27,9 +27,14 @@ from recalibration.run import main as run_main
 FAST = ["--preset", "tiny", "--seq-len", "64", "--set", "micro_batch=2", "--set", "eval_every=0"]
 
 
-def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "recalibration.run", *args], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=600)
+CRASHING_RUN = Path(__file__).parent / "helpers" / "crashing_run.py"
+
+
+def run_cli(*args: str, crash: tuple[str, int] | None = None) -> subprocess.CompletedProcess:
+    """`python -m recalibration.run ARGS`, or with crash=(where, step) the test-only wrapper that dies there."""
+    cmd = [sys.executable, "-m", "recalibration.run"] if crash is None else [
+        sys.executable, str(CRASHING_RUN), crash[0], str(crash[1])]
+    return subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=600)
 
 
 def test_end_to_end_tiny(tmp_path, capsys):
@@ -67,7 +72,7 @@ def test_kill_and_resume_gives_the_same_weights(tmp_path):
     straight, broken = tmp_path / "straight", tmp_path / "broken"
     assert run_cli(*common, "--output-dir", str(straight)).returncode == 0
     # Die like kill -9 right after checkpoint 8 is complete ...
-    r = run_cli(*common, "--output-dir", str(broken), env={"DROPE_RECALIB_CRASH_AFTER_SAVE": "8"})
+    r = run_cli(*common, "--output-dir", str(broken), crash=("after-save", 8))
     assert r.returncode == 137, r.stderr[-2000:]
     assert not (broken / "final").exists()
     # ... then resume: it must continue from step 8, not restart.
@@ -83,7 +88,7 @@ def test_kill_and_resume_gives_the_same_weights(tmp_path):
 def test_half_written_checkpoint_is_never_resumed(tmp_path):
     out = tmp_path / "run"
     common = [*FAST, "--max-steps", "8", "--save-every", "4", "--output-dir", str(out)]
-    r = run_cli(*common, env={"DROPE_RECALIB_CRASH_IN_SAVE": "8"})
+    r = run_cli(*common, crash=("in-save", 8))
     assert r.returncode == 137
     ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert "checkpoint-4" in ckpts and "checkpoint-8" not in ckpts  # only in .staging

@@ -1,4 +1,4 @@
-"""The real SmolLM2-135M checkpoint (shared/ASSETS.md): plugin transparency and DroPE conversion.
+"""The real SmolLM2-135M checkpoint (docs/assets.md): plugin transparency and DroPE conversion.
 
 1. The unconverted checkpoint served with our plugin installed gives exactly
    vLLM's own output (same class, same tokens, same log-probabilities bit for
