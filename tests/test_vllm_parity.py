@@ -33,7 +33,9 @@ def vllm_run(llm, prompts: list[list[int]], prompt_logprobs: bool = True):
     """-> [(prompt logprobs [n-1], greedy tokens, greedy logprobs, cached tokens)]."""
     from vllm import SamplingParams
 
-    sp = SamplingParams(max_tokens=N_NEW, temperature=0.0, logprobs=0, prompt_logprobs=0 if prompt_logprobs else None)
+    # EOS ignored on both sides: parity is about the numbers, not about where each stops.
+    sp = SamplingParams(max_tokens=N_NEW, temperature=0.0, logprobs=0, ignore_eos=True,
+                        prompt_logprobs=0 if prompt_logprobs else None)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
     results = []
     for p, o in zip(prompts, outs):
@@ -48,17 +50,19 @@ def vllm_run(llm, prompts: list[list[int]], prompt_logprobs: bool = True):
 
 @torch.no_grad()
 def reference_run(model, ids: list[int]):
-    """Prompt logprobs from one forward; greedy continuation through the KV cache."""
+    """Prompt logprobs from one forward; greedy continuation through the KV cache, EOS not special."""
     x = torch.tensor([ids])
-    logp = model(x).logits[0].log_softmax(-1)
+    out = model(x, attention_mask=torch.ones_like(x), use_cache=True)
+    logp = out.logits[0].log_softmax(-1)
     plp = logp[:-1].gather(-1, x[0, 1:, None])[:, 0]
-    # An explicit all-ones mask: generate() would otherwise treat prompt tokens
-    # equal to pad_token_id as padding.
-    gen = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=N_NEW, do_sample=False,
-                         output_scores=True, return_dict_in_generate=True)
-    toks = gen.sequences[0, len(ids):].tolist()
-    glp = torch.stack([s[0].log_softmax(-1)[t] for s, t in zip(gen.scores, toks)])
-    return plp, toks, glp
+    toks, glp, past, last = [], [], out.past_key_values, logp[-1]
+    for _ in range(N_NEW):
+        t = int(last.argmax())
+        toks.append(t)
+        glp.append(last[t])
+        out = model(torch.tensor([[t]]), past_key_values=past, use_cache=True)
+        past, last = out.past_key_values, out.logits[0, -1].log_softmax(-1)
+    return plp, toks, torch.stack(glp)
 
 
 def assert_parity(got, want, what: str):
