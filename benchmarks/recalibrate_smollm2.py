@@ -109,7 +109,7 @@ def main(argv=None) -> int:
     edge = " (top of the grid: the optimum may lie higher)" if fit["best_coef"] == max(map(float, fit["table"])) else ""
     print(f"fitted c (2x, 4x)                     : {fit['best_coef']:g}{edge}  "
           + "  ".join(f"ppl@{L}={best_row[str(L)]:.1f}" for L in fit["lengths"]))
-    print(f"within 10% of RoPE perplexity         : {'step %d (%d tokens)' % within if within else 'not reached'}")
+    print(f"within 10% of RoPE perplexity         : {f'step {within[0]} ({within[1]} tokens)' if within else 'not reached'}")
     print(f"greedy, RoPE     : {sample_rope!r}")
     print(f"greedy, dropped  : {sample_dropped!r}")
     print(f"greedy, recalib. : {sample_final!r}")

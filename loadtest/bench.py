@@ -104,7 +104,7 @@ def summarize(results: list[StreamResult], input_lens: list[int], wall: float) -
     ok = [r for r in results if r.ok]
     tpot = [(r.latency - r.ttft) / (r.output_tokens - 1) for r in ok if r.ttft is not None and r.output_tokens > 1]
     out_tokens = sum(r.output_tokens for r in ok)
-    in_tokens = sum(r.prompt_tokens or n for r, n in zip(results, input_lens) if r.ok)
+    in_tokens = sum(r.prompt_tokens or n for r, n in zip(results, input_lens, strict=True) if r.ok)
     wall = max(wall, 1e-9)
     return {
         "completed": len(ok),

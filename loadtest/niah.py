@@ -79,7 +79,7 @@ def build_trial(corpus: TokenCorpus, variant: str, length: int, depth: float, se
     values = [_value(rng) for _ in keys]
     if variant == "multivalue":
         keys = [keys[0]] * N_MULTI
-    needles = [NEEDLE.format(key=k, value=v) for k, v in zip(keys, values)]
+    needles = [NEEDLE.format(key=k, value=v) for k, v in zip(keys, values, strict=True)]
     depths = [depth] if variant == "single" else [(depth + i / N_MULTI) % 1.0 for i in range(N_MULTI)]
     if variant in ("single", "multikey"):
         asked, expected = [keys[0]], [values[0]]

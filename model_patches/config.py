@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 ATTENTION_TYPES = ("nope", "qk_norm_nope", "q_norm_nope", "k_norm_nope")
 BETA_MODES = ("log", "floor", "none")
@@ -112,7 +113,7 @@ class DropeConfig:
         return self.beta_mode != "none" and self.beta_coef != 0.0
 
     @classmethod
-    def from_hf_config(cls, hf_config: Any, **overrides: Any) -> "DropeConfig":
+    def from_hf_config(cls, hf_config: Any, **overrides: Any) -> DropeConfig:
         """Parse a transformers config object or a ``config.json`` dict.
 
         ``overrides`` (train_context, beta_coef, beta_mode) win over the file;
@@ -139,7 +140,7 @@ class DropeConfig:
         return cls(**fields)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, **overrides: Any) -> "DropeConfig":
+    def from_pretrained(cls, path: str | Path, **overrides: Any) -> DropeConfig:
         return cls.from_hf_config(read_config_json(path), **overrides)
 
     def to_hf_fields(self) -> dict[str, Any]:
@@ -154,7 +155,7 @@ class DropeConfig:
             out["softmax_scale"] = self.softmax_scale
         return out
 
-    def with_overrides(self, **overrides: Any) -> "DropeConfig":
+    def with_overrides(self, **overrides: Any) -> DropeConfig:
         return replace(self, **{k: v for k, v in overrides.items() if v is not None})
 
     def describe(self) -> str:

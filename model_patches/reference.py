@@ -19,7 +19,8 @@ current name.)
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -32,12 +33,10 @@ from transformers.models.llama.modeling_llama import (
     eager_attention_forward,
 )
 from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention, Qwen2ForCausalLM
-
 from transformers.utils import logging
 
 from .beta import scale_queries
 from .config import DEFAULT_CONTEXT_MULTIPLE, TRAIN_CONTEXT_KEY, DropeConfig, DropeConfigError
-
 
 logger = logging.get_logger(__name__)
 

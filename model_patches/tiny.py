@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from .config import DropeConfig, FAMILIES, PARENT_TO_DROPE
+from .config import FAMILIES, PARENT_TO_DROPE, DropeConfig
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 CHAT_TEMPLATE = (
@@ -99,10 +99,9 @@ def build_tiny_checkpoint(
     QK-norm weights are drawn around 1 (``qk_norm_noise``) rather than left at 1,
     so a test that loads them wrongly (unsharded, transposed, ignored) fails.
     """
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from . import reference  # noqa: F401  (registers llama_drope / qwen2_drope)
-    from transformers import AutoConfig
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from model_patches.config import ATTENTION_TYPES
 
@@ -121,7 +122,7 @@ class RecalibConfig:
         path.write_text(json.dumps(self.to_dict(), indent=2))
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "RecalibConfig":
+    def from_dict(cls, d: dict[str, Any]) -> RecalibConfig:
         d = dict(d)
         data = DataConfig(**d.pop("data", {}))
         optim = d.pop("optim", {})
@@ -129,7 +130,7 @@ class RecalibConfig:
             optim = {**optim, "betas": tuple(optim["betas"])}
         return cls(**d, data=data, optim=OptimConfig(**optim))
 
-    def with_overrides(self, overrides: dict[str, Any]) -> "RecalibConfig":
+    def with_overrides(self, overrides: dict[str, Any]) -> RecalibConfig:
         """Dotted keys: {"optim.lr": 1e-4, "data.source": "x.txt", "max_steps": 10}."""
         top, sub = {}, {"data": {}, "optim": {}}
         for k, v in overrides.items():

@@ -10,9 +10,9 @@ import argparse
 import json
 import os
 import re
+from collections.abc import MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import MutableMapping
 from typing import Any
 
 from vllm.logger import init_logger

@@ -17,7 +17,6 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-
 from vllm.exceptions import QueueOverflowError
 from vllm.logger import init_logger
 

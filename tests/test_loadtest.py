@@ -103,7 +103,7 @@ def test_niah_prompt_is_exact_and_needles_sit_at_their_depths(corpus, variant, l
     lens = [len(tok.encode(" " + n + " ", add_special_tokens=False)) for n in t.needles]
     budget = length - head - len(tok.encode(t.question, add_special_tokens=False)) - sum(lens)
     depths = [depth] if variant == "single" else [(depth + i / niah.N_MULTI) % 1.0 for i in range(n_needles)]
-    for i, (pos, d) in enumerate(zip(t.needle_token_positions, depths)):
+    for i, (pos, d) in enumerate(zip(t.needle_token_positions, depths, strict=True)):
         assert t.prompt_ids[pos:pos + lens[i]] == tok.encode(" " + t.needles[i] + " ", add_special_tokens=False)
         # Haystack tokens before the needle: its depth x budget, snapped back to a sentence end (< 64 tokens).
         before = sum(lens[j] for j, dj in enumerate(depths) if t.needle_token_positions[j] < pos)

@@ -71,11 +71,11 @@ def run_engine(ckpt, tp: int, pp: int, prompts, tmp_path) -> list[dict]:
 
 
 def assert_same(got: list[dict], want: list[dict], what: str) -> None:
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=True):
         assert g["tokens"] == w["tokens"], f"{what}: greedy tokens differ"
         for key in ("prompt", "greedy"):
             torch.testing.assert_close(torch.tensor(g[key]), torch.tensor(w[key]), atol=TOL, rtol=0,
-                                       msg=lambda m: f"{what} {key} logprobs: {m}")
+                                       msg=lambda m, key=key: f"{what} {key} logprobs: {m}")
 
 
 CASES = [

@@ -38,12 +38,12 @@ def vllm_run(llm, prompts: list[list[int]], prompt_logprobs: bool = True):
                         prompt_logprobs=0 if prompt_logprobs else None)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
     results = []
-    for p, o in zip(prompts, outs):
+    for p, o in zip(prompts, outs, strict=True):
         plp = None
         if prompt_logprobs:
-            plp = torch.tensor([d[t].logprob for d, t in zip(o.prompt_logprobs[1:], p[1:])])
+            plp = torch.tensor([d[t].logprob for d, t in zip(o.prompt_logprobs[1:], p[1:], strict=True)])
         c = o.outputs[0]
-        glp = torch.tensor([d[t].logprob for d, t in zip(c.logprobs, c.token_ids)])
+        glp = torch.tensor([d[t].logprob for d, t in zip(c.logprobs, c.token_ids, strict=True)])
         results.append((plp, list(c.token_ids), glp, o.num_cached_tokens))
     return results
 
@@ -97,7 +97,7 @@ def test_vllm_matches_reference(tiny_checkpoint, family, attention_type, coef, m
     if chunked_and_prefix_cached:
         engine_kw = dict(enable_chunked_prefill=True, max_num_batched_tokens=32, enable_prefix_caching=True)
     with vllm_engine(ckpt, **engine_kw) as llm:
-        for p, got in zip(prompts, vllm_run(llm, prompts)):
+        for p, got in zip(prompts, vllm_run(llm, prompts), strict=True):
             assert_parity(got, reference_run(ref, p), f"{family}/{attention_type}/c={coef} len={len(p)}")
 
         if chunked_and_prefix_cached:
