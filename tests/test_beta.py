@@ -57,10 +57,20 @@ def test_scale_queries_keeps_dtype_and_broadcasts_over_heads(dtype):
     assert torch.equal(out[1], want)
 
 
-def test_floor_mode_is_vllm_llama4_formula():
-    p = torch.tensor([0, L - 2, L - 1, 2 * L - 1, 3 * L])
-    want = torch.log(torch.floor((p + 1.0) / L) + 1.0) * 0.2 + 1.0  # llama4._get_attn_scale
-    torch.testing.assert_close(query_scale(p, L, 0.2, "floor"), want)
+def test_floor_mode_is_vllm_llama4_code():
+    """Checked against vLLM's own Llama-4 NoPE temperature, called for real, and against hand values."""
+    from types import SimpleNamespace
+
+    from vllm.model_executor.models.llama4 import Llama4Attention
+
+    p = torch.tensor([0, L - 2, L - 1, 2 * L - 1, 3 * L, 100 * L])
+    layer = SimpleNamespace(floor_scale=float(L), attn_scale=0.2)  # what Llama4Attention reads from its config
+    vllm_scale = Llama4Attention._get_attn_scale(layer, p.float())[:, 0]
+    torch.testing.assert_close(query_scale(p, L, 0.2, "floor"), vllm_scale)
+    # By hand: beta = 1 + 0.2 ln(floor((p + 1) / 64) + 1)
+    hand = torch.tensor([1.0, 1.0, 1.0 + 0.2 * math.log(2), 1.0 + 0.2 * math.log(3), 1.0 + 0.2 * math.log(4),
+                         1.0 + 0.2 * math.log(101)])
+    torch.testing.assert_close(query_scale(p, L, 0.2, "floor"), hand)
 
 
 def test_none_mode_and_bad_mode():
