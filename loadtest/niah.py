@@ -9,8 +9,8 @@ Variants (needles are "One of the special magic numbers for <key> is: <7 digits>
   multikey    four needles with different keys; asked for one of them (the one at the depth)
   multiquery  four needles with different keys; asked for all four numbers
   multivalue  four needles with the same key and different numbers; asked for all four
-Needle i of a multi variant sits at depth (d + i/4) mod 1, so the first is at the
-requested depth. Haystack: the Paul Graham essays. Prompts are built in token space
+The first needle of every variant (the one asked about) sits at the requested
+depth, 1.0 included; the others of a multi variant at (d + i/4) mod 1. Haystack: the Paul Graham essays. Prompts are built in token space
 to exactly the requested length and sent as token ids to /v1/completions with greedy
 decoding. A trial passes when every expected number appears in the answer (exact
 match on the digits). Outputs results.json, a depth x length heatmap per variant
@@ -80,7 +80,9 @@ def build_trial(corpus: TokenCorpus, variant: str, length: int, depth: float, se
     if variant == "multivalue":
         keys = [keys[0]] * N_MULTI
     needles = [NEEDLE.format(key=k, value=v) for k, v in zip(keys, values, strict=True)]
-    depths = [depth] if variant == "single" else [(depth + i / N_MULTI) % 1.0 for i in range(N_MULTI)]
+    # Needle 0 (the one every variant asks about) sits exactly at the requested depth,
+    # 1.0 included; the others are spread a quarter apart, wrapping round.
+    depths = [depth] + [(depth + i / N_MULTI) % 1.0 for i in range(1, 1 if variant == "single" else N_MULTI)]
     if variant in ("single", "multikey"):
         asked, expected = [keys[0]], [values[0]]
     elif variant == "multiquery":
