@@ -103,6 +103,17 @@ class DropeConfig:
         return self.attention_type in ("qk_norm_nope", "k_norm_nope")
 
     @property
+    def unused_qk_norm_weights(self) -> tuple[str, ...]:
+        """Weight-name suffixes a checkpoint may carry that this attention_type does not use.
+
+        Sakana's QK-norm attention module always builds both q_norm and k_norm, also
+        for q_norm_nope / k_norm_nope, so their checkpoints carry the unused one.
+        """
+        if self.attention_type == "nope":
+            return ()
+        return tuple(f"self_attn.{n}.weight" for n, used in (("q_norm", self.q_norm), ("k_norm", self.k_norm)) if not used)
+
+    @property
     def scales_queries(self) -> bool:
         """False when beta is identically 1, so the per-token multiply can be skipped."""
         return self.beta_mode != "none" and self.beta_coef != 0.0

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Iterable
 
 import torch
@@ -23,6 +24,8 @@ from vllm.model_executor.models.llama import (
 from .beta import apply_query_scale, query_scale_table
 from .config import DropeConfig, DropeConfigError
 from .layers import FullWidthRMSNorm
+
+logger = logging.getLogger(__name__)
 
 
 class DroPELlamaAttention(LlamaAttention):
@@ -87,9 +90,22 @@ class DroPELlamaForCausalLM(LlamaForCausalLM):
         super().__init__(vllm_config=vllm_config, prefix=prefix, layer_type=layer_type or self.decoder_layer_cls)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        loaded = super().load_weights(weights)
+        loaded = super().load_weights(drop_unused_qk_norms(weights, DropeConfig.from_hf_config(self.config)))
         check_qk_norm_loaded(self, loaded)
         return loaded
+
+
+def drop_unused_qk_norms(weights: Iterable[tuple[str, torch.Tensor]], drope: DropeConfig):
+    unused = drope.unused_qk_norm_weights
+    skipped = 0
+    for name, tensor in weights:
+        if unused and name.endswith(unused):
+            skipped += 1
+            continue
+        yield name, tensor
+    if skipped:
+        logger.warning("attention_type=%r: ignored %d unused QK-norm weights (%s) in the checkpoint",
+                       drope.attention_type, skipped, ", ".join(unused))
 
 
 def check_qk_norm_loaded(model: torch.nn.Module, loaded: set[str]) -> None:

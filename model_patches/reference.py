@@ -19,6 +19,8 @@ current name.)
 
 from __future__ import annotations
 
+import logging
+import re
 from typing import Any, Callable
 
 import torch
@@ -35,6 +37,8 @@ from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention, Qwen2ForCau
 
 from .beta import scale_queries
 from .config import DropeConfig, DropeConfigError
+
+logger = logging.getLogger(__name__)
 
 
 class DroPELlamaConfig(LlamaConfig):
@@ -127,14 +131,23 @@ class _DroPEModelMixin:
     _drope_attention: type[nn.Module]
 
     def _install_drope_attention(self, config: Any) -> None:
-        DropeConfig.from_hf_config(config)  # one clear error here rather than one per layer
+        drope = DropeConfig.from_hf_config(config)  # one clear error here rather than one per layer
         for layer in self.model.layers:
             layer.self_attn = self._drope_attention(config, layer.self_attn.layer_idx)
+        # Sakana's q_norm_nope / k_norm_nope checkpoints also carry the unused norm:
+        # accepted, reported once in from_pretrained rather than by transformers per key.
+        self._drope_unused_norms = drope.unused_qk_norm_weights
+        self._keys_to_ignore_on_load_unexpected = set(self._keys_to_ignore_on_load_unexpected or ()) | {
+            re.escape(s) + "$" for s in self._drope_unused_norms
+        }
 
     @classmethod
     def from_pretrained(cls, *args: Any, **kwargs: Any):
         wants_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        if model._drope_unused_norms:
+            logger.warning("attention_type=%r: unused QK-norm weights (%s) in the checkpoint, if any, are ignored",
+                           model.config.attention_type, ", ".join(model._drope_unused_norms))
         missing = sorted(k for k in info["missing_keys"] if ".q_norm." in k or ".k_norm." in k)
         if missing:
             raise DropeConfigError(

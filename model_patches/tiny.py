@@ -51,6 +51,7 @@ def tiny_config_dict(
     max_position_embeddings: int = 2048,
     vocab_size: int = 320,
     tie_word_embeddings: bool = False,
+    **extra: Any,
 ) -> dict[str, Any]:
     """config.json contents; ``drope=None`` gives the plain RoPE parent."""
     if family not in PARENT_TO_DROPE:
@@ -75,6 +76,7 @@ def tiny_config_dict(
         torch_dtype="float32",
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
     )
+    cfg.update({k: list(v) if isinstance(v, tuple) else v for k, v in extra.items()})  # e.g. sliding-window keys
     if drope is not None:
         model_type = PARENT_TO_DROPE[family]
         arch = FAMILIES[model_type][0]
