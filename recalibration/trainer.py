@@ -39,8 +39,6 @@ class AtomicCheckpointTrainer(Trainer):
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
             name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-            if os.environ.get("DROPE_RECALIB_CRASH_IN_SAVE") == str(self.state.global_step):
-                os._exit(137)  # test hook: die with a complete staging dir, before the rename
             final = os.path.join(run_dir, name)
             if os.path.exists(final):
                 shutil.rmtree(final)
@@ -51,7 +49,7 @@ class AtomicCheckpointTrainer(Trainer):
 
 
 class ProgressLog(TrainerCallback):
-    """loss, lr and training tokens/s in the log; a crash hook for the resume tests."""
+    """loss, lr and training tokens/s in the log."""
 
     def __init__(self, tokens_per_step: int):
         self.tokens_per_step = tokens_per_step
@@ -74,7 +72,3 @@ class ProgressLog(TrainerCallback):
                      logs["loss"], logs.get("learning_rate", float("nan")), tps)
         if "eval_loss" in logs:
             log.info("step %d  held-out loss %.4f", state.global_step, logs["eval_loss"])
-
-    def on_save(self, args, state, control, **kw):
-        if os.environ.get("DROPE_RECALIB_CRASH_AFTER_SAVE") == str(state.global_step):
-            os._exit(137)  # test hook: a kill -9 right after checkpoint N
