@@ -28,7 +28,7 @@ def test_completion_at_tp2(tiny_checkpoint, tmp_path, monkeypatch):
         out = load_reference(ckpt).generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                                             max_new_tokens=8, do_sample=False)
     want = out[0, len(ids):].tolist()
-    assert max(want) < 256, f"precondition: plain byte tokens only, so text round-trips ({want})"
+    assert max(want) < 256, f"precondition: byte tokens only, no special token ({want})"
 
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")  # one core per rank (see README)
     proc, base, log = launch_server(ckpt, tmp_path, "--tensor-parallel-size", "2", "--max-model-len", "256",
@@ -37,8 +37,8 @@ def test_completion_at_tp2(tiny_checkpoint, tmp_path, monkeypatch):
         r = httpx.post(f"{base}/v1/completions", timeout=120, json={
             "model": "tiny", "prompt": ids, "max_tokens": 8, "temperature": 0})
         assert r.status_code == 200, r.text
-        got = tok(r.json()["choices"][0]["text"], add_special_tokens=False)["input_ids"]
-        assert got == want, f"TP=2 server {got} vs reference {want}"
+        got = r.json()["choices"][0]["text"]
+        assert got == tok.decode(want), f"TP=2 server {got!r} vs reference {tok.decode(want)!r}"
     finally:
         proc.terminate()
         try:
