@@ -28,7 +28,7 @@ class DataConfig:
     text_field: str = "text"
     split: str = "train"
     heldout_docs: int = 2
-    """The last documents of a local source (or the first N of a hub stream) are held out for evaluation."""
+    """The first N documents of the source (local or hub stream, in reading order) are held out for evaluation."""
     shuffle_buffer: int = 0
     """Documents shuffled within a seeded buffer of this many (0: file order)."""
 
@@ -68,7 +68,7 @@ class RecalibConfig:
     """Training sequence length; None: the base model's training context (max_position_embeddings)."""
     max_steps: int | None = None
     token_budget: int | None = None
-    """Alternative to max_steps: tokens to train on (steps = budget / tokens per step)."""
+    """Alternative to max_steps: tokens to train on, over all ranks (steps = budget / global tokens per step)."""
     micro_batch: int = 1
     grad_accum: int = 1
     precision: str = "auto"
@@ -109,11 +109,14 @@ class RecalibConfig:
     def lr(self) -> float:
         return self.optim.lr if self.optim.lr is not None else (1e-3 if self.qk_norm else 3e-4)
 
-    def steps(self, seq_len: int) -> int:
+    def steps(self, seq_len: int, world_size: int = 1) -> int:
+        """Optimizer steps; with token_budget, every step trains world_size ranks' batches."""
         if self.max_steps is not None:
             return self.max_steps
-        per_step = seq_len * self.micro_batch * self.grad_accum
-        return max(1, self.token_budget // per_step)
+        return max(1, self.token_budget // self.tokens_per_step(seq_len, world_size))
+
+    def tokens_per_step(self, seq_len: int, world_size: int = 1) -> int:
+        return seq_len * self.micro_batch * self.grad_accum * world_size
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -125,10 +125,13 @@ def train(cfg: RecalibConfig, resume: bool = False, overwrite: bool = False) -> 
     on_gpu = torch.cuda.is_available()
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and on_gpu)
     set_seed(cfg.seed)
-    model = load_reference(init, dtype=torch.bfloat16 if bf16 else torch.float32)
+    # fp32 master weights always: bf16 runs under autocast (Trainer bf16=True, or FSDP's mixed
+    # precision), so updates smaller than bf16's resolution are not rounded away.
+    model = load_reference(init, dtype=torch.float32)
     model.train()
-    steps = cfg.steps(seq_len)
-    tokens_per_step = seq_len * cfg.micro_batch * cfg.grad_accum * int(os.environ.get("WORLD_SIZE", "1"))
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    steps = cfg.steps(seq_len, world_size)
+    tokens_per_step = cfg.tokens_per_step(seq_len, world_size)
     held = heldout_tokens(cfg.data, tokenizer)
     eval_seqs = list(pack(iter([held]), seq_len))[: cfg.eval_batches * cfg.micro_batch]
     eval_data = [{"input_ids": torch.tensor(s), "labels": torch.tensor(s)} for s in eval_seqs]

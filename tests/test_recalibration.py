@@ -10,9 +10,9 @@ falls -> fit beta -> the checkpoint loads in vLLM through model_patches and gene
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -27,14 +27,12 @@ from recalibration.run import main as run_main
 FAST = ["--preset", "tiny", "--seq-len", "64", "--set", "micro_batch=2", "--set", "eval_every=0"]
 
 
-CRASHING_RUN = Path(__file__).parent / "helpers" / "crashing_run.py"
-
-
-def run_cli(*args: str, crash: tuple[str, int] | None = None) -> subprocess.CompletedProcess:
-    """`python -m recalibration.run ARGS`, or with crash=(where, step) the test-only wrapper that dies there."""
-    cmd = [sys.executable, "-m", "recalibration.run"] if crash is None else [
-        sys.executable, str(CRASHING_RUN), crash[0], str(crash[1])]
-    return subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=600)
+def run_cli(*args: str, crash_at: tuple[str, int] | None = None) -> subprocess.CompletedProcess:
+    """recalibration.run in a subprocess; crash_at=("after-save"|"in-save", step) dies there (tests/recalib_crash.py)."""
+    launcher = ["-m", "recalibration.run"]
+    if crash_at:
+        launcher = [os.path.join(os.path.dirname(__file__), "recalib_crash.py"), crash_at[0], str(crash_at[1])]
+    return subprocess.run([sys.executable, *launcher, *args], capture_output=True, text=True, timeout=600)
 
 
 def test_end_to_end_tiny(tmp_path, capsys):
@@ -72,7 +70,7 @@ def test_kill_and_resume_gives_the_same_weights(tmp_path):
     straight, broken = tmp_path / "straight", tmp_path / "broken"
     assert run_cli(*common, "--output-dir", str(straight)).returncode == 0
     # Die like kill -9 right after checkpoint 8 is complete ...
-    r = run_cli(*common, "--output-dir", str(broken), crash=("after-save", 8))
+    r = run_cli(*common, "--output-dir", str(broken), crash_at=("after-save", 8))
     assert r.returncode == 137, r.stderr[-2000:]
     assert not (broken / "final").exists()
     # ... then resume: it must continue from step 8, not restart.
@@ -88,7 +86,7 @@ def test_kill_and_resume_gives_the_same_weights(tmp_path):
 def test_half_written_checkpoint_is_never_resumed(tmp_path):
     out = tmp_path / "run"
     common = [*FAST, "--max-steps", "8", "--save-every", "4", "--output-dir", str(out)]
-    r = run_cli(*common, crash=("in-save", 8))
+    r = run_cli(*common, crash_at=("in-save", 8))
     assert r.returncode == 137
     ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert "checkpoint-4" in ckpts and "checkpoint-8" not in ckpts  # only in .staging
@@ -183,3 +181,43 @@ def test_beta_search_extends_past_the_grid_and_refines():
     assert len(calls) == len(set(calls))  # nothing evaluated twice
     best, extended = fit_beta.search([0.0, 0.2, 0.4, 0.6], lambda c: (c - 0.3) ** 2)
     assert not extended and best == 0.3  # found by refinement between 0.2 and 0.4
+
+
+def test_token_budget_is_global_over_ranks():
+    """llama2-7b-gpu on 8 GPUs trains its budget once, not 8 times (steps shrink with the world size)."""
+    cfg = preset("llama2-7b-gpu")
+    per_rank_step = 4096 * cfg.micro_batch * cfg.grad_accum
+    for world in (1, 8):
+        trained = cfg.steps(4096, world) * per_rank_step * world
+        assert cfg.token_budget - per_rank_step * world < trained <= cfg.token_budget, (world, trained)
+
+
+def test_bf16_training_keeps_fp32_master_weights(tmp_path):
+    """precision=bf16 computes in bf16 but keeps (and saves) fp32 weights, as on one GPU."""
+    out = tmp_path / "run"
+    assert run_main([*FAST, "--output-dir", str(out), "--max-steps", "2", "--save-every", "2",
+                     "--set", "precision=bf16"]) == 0
+    weights = load_file(out / "final" / "model.safetensors")
+    assert {t.dtype for t in weights.values()} == {torch.float32}
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_fsdp_yaml_wraps_the_models_decoder_layers_and_saves_full_weights(tiny_checkpoint, family):
+    """accelerate, given recalibration/fsdp.yaml, finds the wrap class in either family and
+    saves full (gathered) weights, which the server can load."""
+    import yaml
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
+
+    from model_patches.config import DropeConfig
+    from model_patches.reference import load_reference
+
+    fsdp = yaml.safe_load(open(os.path.join(os.path.dirname(__file__), "..", "recalibration", "fsdp.yaml")))["fsdp_config"]
+    wrap = fsdp.get("fsdp_transformer_layer_cls_to_wrap")
+    plugin = FullyShardedDataParallelPlugin(
+        fsdp_version=fsdp["fsdp_version"], auto_wrap_policy=fsdp["fsdp_auto_wrap_policy"].lower(),
+        transformer_cls_names_to_wrap=wrap.split(",") if wrap else None, state_dict_type=fsdp["fsdp_state_dict_type"])
+    model = load_reference(tiny_checkpoint(family, DropeConfig(train_context=64)))
+    policy = fsdp2_prepare_auto_wrap_policy(plugin, model)
+    assert sum(policy(m) for m in model.modules()) == model.config.num_hidden_layers
+    assert plugin.state_dict_type.name == "FULL_STATE_DICT"
