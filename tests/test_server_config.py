@@ -92,15 +92,20 @@ def test_flags_win_and_a_longer_context_raises_the_position_limit(tiny_checkpoin
     assert o["max_position_embeddings"] == 20000 and args.max_model_len == 20000 and args.enforce_eager is False
 
 
+def sakana_format(src, dst):
+    """A copy whose config.json states L_train only as max_position_embeddings, as Sakana's do."""
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    del cfg["drope_train_context"]
+    cfg["max_position_embeddings"] = L
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
 def test_raising_only_max_position_embeddings_keeps_l_train(tiny_checkpoint, tmp_path):
     """The footgun: a Sakana-format file states L_train only as max_position_embeddings."""
     src = tiny_checkpoint("llama", DropeConfig(train_context=L, beta_coef=0.2))
-    ckpt = tmp_path / "sakana"
-    shutil.copytree(src, ckpt)
-    cfg = json.loads((ckpt / "config.json").read_text())
-    del cfg["drope_train_context"]
-    cfg["max_position_embeddings"] = L
-    (ckpt / "config.json").write_text(json.dumps(cfg))
+    ckpt = sakana_format(src, tmp_path / "sakana")
     args = parse("--model", str(ckpt), "--hf-overrides", '{"max_position_embeddings": 4096}')
     assert prepare(args, on_cpu=True).train_context == L
     assert args.hf_overrides["drope_train_context"] == L
@@ -177,12 +182,7 @@ def test_plain_vllm_auto_fits_a_small_kv_cache(tiny_checkpoint):
 def test_plain_vllm_keeps_l_train_when_only_the_position_limit_is_raised(tiny_checkpoint, tmp_path):
     """Sakana format (no drope_train_context), limit raised through hf_overrides: beta still starts at L."""
     src = tiny_checkpoint("llama", DropeConfig(train_context=L, beta_coef=0.5), seed=3)
-    ckpt = tmp_path / "sakana"
-    shutil.copytree(src, ckpt)
-    cfg = json.loads((ckpt / "config.json").read_text())
-    del cfg["drope_train_context"]
-    cfg["max_position_embeddings"] = L
-    (ckpt / "config.json").write_text(json.dumps(cfg))
+    ckpt = sakana_format(src, tmp_path / "sakana")
     ids = prompt(300, seed=9)
     with vllm_engine(ckpt, max_model_len=1024, hf_overrides={"max_position_embeddings": 1024}) as llm:
         assert llm.llm_engine.model_config.hf_config.drope_train_context == L
