@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field
+from datetime import UTC
 from typing import Any
 
 import httpx
@@ -60,19 +61,51 @@ def connect(base_url: str, model: str | None, api_key: str | None = None, timeou
     return Endpoint(base, model, card.get("max_model_len"), card.get("root"), api_key, card)
 
 
-def load_tokenizer(ep: Endpoint, tokenizer: str | None = None) -> Any:
-    """The model's tokenizer: --tokenizer, else the served directory (vLLM and we report it as 'root'), else the name."""
-    from transformers import AutoTokenizer
+class ServerTokenizer:
+    """The served model's tokenizer, asked of the server (vLLM's /tokenize and /detokenize): no local files."""
 
-    import model_patches.reference  # noqa: F401  (so llama_drope / qwen2_drope configs are known)
+    def __init__(self, ep: Endpoint, timeout: float = 60.0):
+        self.ep = ep
+        self.root = ep.base_url[: -len("/v1")]
+        self.client = httpx.Client(timeout=timeout, headers=ep.headers)
+        self._cache: dict[tuple[str, bool], list[int]] = {}
 
-    last: Exception | None = None
-    for candidate in [tokenizer] if tokenizer else [c for c in (ep.root, ep.model) if c]:
+    def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        r = self.client.post(f"{self.root}/{path}", json={"model": self.ep.model, **body})
+        if r.status_code != 200:
+            raise EndpointError(f"{self.root}/{path} answered {r.status_code}: {r.text[:200]} "
+                                "(the tools tokenise through the server: it must offer vLLM's /tokenize)")
+        return r.json()
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        key = (text, add_special_tokens)
+        if key not in self._cache:
+            if len(self._cache) > 4096:
+                self._cache.clear()
+            self._cache[key] = self._post("tokenize", {"prompt": text, "add_special_tokens": add_special_tokens})["tokens"]
+        return list(self._cache[key])
+
+    def decode(self, ids: list[int]) -> str:
+        return self._post("detokenize", {"tokens": list(ids)})["prompt"]
+
+
+def run_info(tool: str, argv: list[str] | None) -> dict[str, Any]:
+    """What a results file needs to be reproduced: the command, the time, the tool versions."""
+    import platform
+    import sys
+    from datetime import datetime
+    from importlib.metadata import PackageNotFoundError, version
+
+    def v(name: str) -> str | None:
         try:
-            return AutoTokenizer.from_pretrained(candidate)
-        except Exception as e:  # noqa: BLE001 - try the next candidate
-            last = e
-    raise EndpointError(f"cannot load a tokenizer for {ep.model}: pass --tokenizer DIR ({last})")
+            return version(name)
+        except PackageNotFoundError:
+            return None
+
+    args = sys.argv[1:] if argv is None else argv
+    return {"command": " ".join(["python -m", tool, *args]), "time": datetime.now(UTC).isoformat(),
+            "versions": {"drope-server": v("drope-server"), "httpx": v("httpx"), "python": platform.python_version()},
+            "machine": platform.machine()}
 
 
 @dataclass
@@ -89,10 +122,11 @@ class StreamResult:
 
 async def stream_request(client: httpx.AsyncClient, ep: Endpoint, endpoint: str, prompt: Any,
                          max_tokens: int, extra: dict[str, Any] | None = None, ignore_eos: bool = False) -> StreamResult:
-    """One streamed request, timed like `vllm bench serve`: TTFT at the first chunk with content,
-    ITL between later content chunks, latency until [DONE]; token counts from the server's usage."""
+    """One streamed request, timed as `vllm bench serve` times it (vllm/benchmarks/lib/endpoint_request_func.py):
+    TTFT at the first chunk with choices (its text may be empty), ITL between later such chunks, latency
+    until the last of them (not the usage chunk or [DONE]); no chunk with choices is a failure."""
     body: dict[str, Any] = {"model": ep.model, "max_tokens": max_tokens, "stream": True,
-                            "stream_options": {"include_usage": True}, "temperature": 0.0}
+                            "stream_options": {"include_usage": True}}
     if ignore_eos:
         body["ignore_eos"] = True
     if endpoint == "chat":
@@ -110,27 +144,40 @@ async def stream_request(client: httpx.AsyncClient, ep: Endpoint, endpoint: str,
                 await r.aread()
                 res.error = f"HTTP {r.status_code}"
                 return res
-            async for line in r.aiter_lines():
-                if not line.startswith("data:"):
-                    continue
-                data = line[5:].strip()
-                if data == "[DONE]":
-                    break
-                chunk = json.loads(data)
-                if chunk.get("usage"):
-                    res.output_tokens = chunk["usage"]["completion_tokens"]
-                    res.prompt_tokens = chunk["usage"]["prompt_tokens"]
-                for c in chunk.get("choices", []):
-                    piece = c.get("text") if endpoint != "chat" else (c.get("delta") or {}).get("content")
-                    if piece:
+            # Raw bytes split into SSE events: httpx's line iterator costs about a millisecond per token
+            # at concurrency 4 on 2 cores, which the client then reports as the server's ITL.
+            buf = b""
+            done = False
+            async for piece in r.aiter_raw():
+                buf += piece
+                *events, buf = buf.split(b"\n\n")
+                for event in events:
+                    event = event.strip()
+                    if not event.startswith(b"data:"):
+                        continue  # SSE comments (pings)
+                    data = event[5:].strip()
+                    if data == b"[DONE]":
+                        done = True
+                        break
+                    chunk = json.loads(data)
+                    if choices := chunk.get("choices"):
                         now = time.perf_counter()
                         if res.ttft is None:
                             res.ttft = now - start
                         else:
                             res.itl.append(now - last)
                         last = now
-                        res.text += piece
-        res.latency = time.perf_counter() - start
+                        c = choices[0]
+                        res.text += (c.get("text") if endpoint != "chat" else (c.get("delta") or {}).get("content")) or ""
+                    elif usage := chunk.get("usage"):
+                        res.output_tokens = usage.get("completion_tokens") or 0
+                        res.prompt_tokens = usage.get("prompt_tokens") or 0
+                if done:
+                    break
+        if res.ttft is None:
+            res.error = "no chunk with choices"
+            return res
+        res.latency = last - start
         res.ok = True
     except httpx.TimeoutException:
         res.error = "timeout"

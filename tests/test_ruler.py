@@ -1,0 +1,194 @@
+"""loadtest.ruler: RULER's scoring, prompt construction and depth axis, on a fake server; no torch.
+
+    python -m pytest tests/test_ruler.py
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+from fake_openai import start
+
+from loadtest import ruler
+from loadtest.endpoint import ServerTokenizer, connect
+from loadtest.text import corpus_text
+
+NIAH = list(ruler.NIAH_TASKS)
+
+
+# Independent reference: RULER's published scoring, transcribed from NVIDIA/RULER
+# scripts/eval/synthetic/constants.py (string_match_all / string_match_part) and
+# scripts/eval/evaluate.py (postprocess_pred), Apache-2.0. Corpus-level: mean x 100, rounded.
+def ruler_postprocess_pred(predict_str):
+    predict_str = predict_str.strip()
+    np_pattern = re.compile(r'[\x00-\x1f]')
+    return np_pattern.sub('\n', predict_str).strip()
+
+
+def ruler_string_match_part(preds, refs):
+    score = sum([max([1.0 if r.lower() in pred.lower() else 0.0 for r in ref]) for pred, ref in zip(preds, refs, strict=False)]) / len(preds) * 100
+    return round(score, 2)
+
+
+def ruler_string_match_all(preds, refs):
+    score = sum([sum([1.0 if r.lower() in pred.lower() else 0.0 for r in ref]) / len(ref) for pred, ref in zip(preds, refs, strict=False)]) / len(preds) * 100
+    return round(score, 2)
+
+
+OUTPUTS = [  # (model output, references): hits, partial hits, case, control characters, misses
+    (" 4132801.", ["4132801"]),
+    ("The numbers are 1111111, 2222222\tand 3333333.", ["3333333", "1111111", "4444444", "2222222"]),
+    ("\n\n VAR ABCDE, var fghij, VAR KLMNO", ["ABCDE", "FGHIJ", "KLMNO", "PQRST", "UVWXY"]),
+    ("1. apple 2. Banana 3. cherry", ["apple", "banana", "durian"]),
+    ("", ["1234567"]),
+    ("I do not know.", ["Paris", "paris, France"]),
+    ("It was Paris\x00France", ["paris france", "Paris"]),
+    ("02dcb554-ae00-4f8c-9d16-9257de7337db", ["02DCB554-AE00-4F8C-9D16-9257DE7337DB"]),
+]
+
+
+@pytest.mark.parametrize("metric", ["string_match_all", "string_match_part"])
+def test_scoring_matches_ruler_transcription(metric):
+    preds = [ruler_postprocess_pred(p) for p, _ in OUTPUTS]
+    refs = [r for _, r in OUTPUTS]
+    reference = {"string_match_all": ruler_string_match_all, "string_match_part": ruler_string_match_part}[metric]
+    ours = [ruler.score(metric, p, r) for p, r in OUTPUTS]
+    assert round(100 * sum(ours) / len(ours), 2) == reference(preds, refs)
+    # and sample by sample, so two errors cannot cancel in the mean
+    assert [round(100 * x, 2) for x in ours] == [reference([p], [r]) for p, r in zip(preds, refs, strict=False)]
+
+
+@pytest.fixture(scope="module")
+def fake():
+    srv, base = start()
+    yield base
+    srv.shutdown()
+
+
+@pytest.fixture(scope="module")
+def builder(fake):
+    return ruler.Builder(ServerTokenizer(connect(fake, None)), corpus_text())
+
+
+@pytest.mark.parametrize("task", NIAH + ["vt"])
+@pytest.mark.parametrize("length", [1024, 1500])
+def test_prompt_length_is_exact_in_server_tokens(builder, task, length):
+    t = builder.build(task, length, 0.5, seed=1)
+    # byte tokenizer: the prompt's UTF-8 length is its token count
+    assert len(builder.tok.decode(t.prompt_ids).encode()) == length - ruler.BUDGET[task]
+
+
+@pytest.mark.parametrize("task", ["cwe", "fwe"])
+def test_fitted_tasks_fill_but_do_not_exceed(builder, task):
+    t = builder.build(task, 2048, None, seed=1)
+    n = len(builder.tok.decode(t.prompt_ids).encode())
+    assert 2048 - ruler.BUDGET[task] - 200 < n <= 2048 - ruler.BUDGET[task]
+
+
+@pytest.mark.parametrize("task", NIAH)
+def test_depths_exact_at_both_ends(builder, task):
+    for depth in (0.0, 1.0):
+        t = builder.build(task, 1024, depth, seed=2)
+        text = builder.tok.decode(t.prompt_ids)
+        value = t.refs[0]
+        # the asked needle's sentence, found by text search, not by the builder's bookkeeping
+        needle = re.search(rf"One of the special magic \w+ for [\w-]+ is: {value}\.", text)
+        assert needle, text[:200]
+        if depth == 0.0:  # nothing but the instruction before it
+            assert re.fullmatch(r"(Some|A) special magic .* afterwards\.\s*", text[: needle.start()], re.S)
+        else:  # nothing but the question after it
+            assert text[needle.end():].lstrip().startswith("What ")
+
+
+def test_task_contents_follow_ruler(builder):
+    t = builder.build("niah_multivalue", 2048, 0.5, seed=3)
+    text = builder.tok.decode(t.prompt_ids)
+    assert len(t.refs) == 4 and all(text.count(v) == 1 for v in t.refs)
+    assert text.endswith("mentioned in the provided text are")
+    t = builder.build("niah_multiquery", 2048, 0.5, seed=3)
+    text = builder.tok.decode(t.prompt_ids)
+    assert len(t.refs) == 4 and ", and " in text.split("\n")[-1]
+    t = builder.build("niah_single_1", 1024, 0.5, seed=3)
+    text = builder.tok.decode(t.prompt_ids)
+    assert text.startswith("A special magic number is hidden") and "The grass is green." in text
+    t = builder.build("niah_multikey_3", 1024, 0.5, seed=3)
+    assert re.fullmatch(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}", t.refs[0])
+    t = builder.build("vt", 1024, None, seed=3)
+    text = builder.tok.decode(t.prompt_ids)
+    value = re.search(r"assigned the value (\d+) in", text).group(1)
+    chain, name = [], None  # follow the chain through the text itself
+    for line in text.split("\n"):
+        m = re.fullmatch(rf"VAR (\w+) = {value}", line.strip()) if name is None else \
+            re.fullmatch(rf"VAR (\w+) = VAR {name}", line.strip())
+        if m:
+            name = m.group(1)
+            chain.append(name)
+    assert chain == t.refs and len(chain) == 5
+    t = builder.build("cwe", 2048, None, seed=3)
+    words = re.findall(r"\d+\. (\w+)", builder.tok.decode(t.prompt_ids))
+    counts = sorted(((words.count(w), w) for w in set(words)), reverse=True)
+    assert {w for _, w in counts[:10]} == set(t.refs) and counts[9][0] > counts[10][0]
+    t = builder.build("fwe", 2048, None, seed=3)
+    words = builder.tok.decode(t.prompt_ids).split("coded words. ")[1].split("\nQuestion")[0].split()
+    top = sorted(set(words) - {"..."}, key=words.count, reverse=True)[:3]
+    assert top == t.refs
+
+
+def test_seeds_reproduce_prompts_byte_for_byte(fake, builder):
+    other = ruler.Builder(ServerTokenizer(connect(fake, None)), corpus_text())
+    for task in ruler.TASKS[:-2]:
+        a, b = builder.build(task, 2048, 0.5, seed=7), other.build(task, 2048, 0.5, seed=7)
+        assert a.prompt_ids == b.prompt_ids and a.refs == b.refs
+        assert builder.build(task, 2048, 0.5, seed=8).prompt_ids != a.prompt_ids
+
+
+@pytest.mark.parametrize("endpoint", ["completions", "chat"])
+def test_depth_axis_on_a_model_that_reads_only_the_first_half(fake, tmp_path, endpoint):
+    out = tmp_path / "r"
+    rc = ruler.main(["--base-url", fake, "--tasks", "niah_single_2,niah_multikey_1", "--lengths", "1024,1536",
+                     "--depths", "0,1", "--trials", "3", "--endpoint", endpoint, "--out-dir", str(out)])
+    assert rc == 0
+    res = json.loads((out / "results.json").read_text())
+    for task in ("niah_single_2", "niah_multikey_1"):
+        for L in ("1024", "1536"):
+            assert res["server1"]["accuracy"][task][L] == {"0.0": 1.0, "1.0": 0.0}
+        assert (out / f"heatmap_{task}.png").stat().st_size > 1000
+    assert (out / "accuracy_by_length.png").stat().st_size > 1000
+    assert res["command"].startswith("python -m loadtest.ruler --base-url")
+    assert res["server1"]["card"]["id"] == "fake" and res["versions"]["httpx"]
+
+
+def test_qa_from_a_local_file_in_ruler_format(fake, tmp_path):
+    squad = {"data": [{"paragraphs": [
+        {"context": f"Document about topic {i}. " * 5, "qas": [
+            {"question": f"What is topic {i}?", "answers": [{"text": f"topic {i}"}], "is_impossible": False}]}
+        for i in range(40)]}]}
+    (tmp_path / "squad.json").write_text(json.dumps(squad))
+    b = ruler.Builder(ServerTokenizer(connect(fake, None)), "x. y.", str(tmp_path / "squad.json"), "squad")
+    t = b.build("qa_1", 1024, None, seed=0)
+    text = b.tok.decode(t.prompt_ids)
+    q = re.search(r"Question: What is topic (\d+)\?", text).group(1)
+    assert t.refs == [f"topic {q}"] and f"Document about topic {q}." in text
+    assert len(text.encode()) <= 1024 - 32 and text.endswith(" Answer:")
+    with pytest.raises(ValueError, match="--qa-file"):
+        ruler.Builder(b.tok, "x. y.").build("qa_2", 1024, None, 0)
+
+
+def test_loadtest_imports_without_torch():
+    code = """
+import sys, importlib.abc
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split('.')[0] in ('torch', 'transformers', 'vllm'):
+            raise ImportError('blocked ' + name)
+sys.meta_path.insert(0, Block())
+import loadtest.bench, loadtest.ruler, loadtest.endpoint, loadtest.text
+loadtest.text.corpus_text()
+print('ok')
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
