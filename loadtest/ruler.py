@@ -28,12 +28,13 @@ exactly L - budget tokens long; cwe, fwe and qa take the most whole list items /
 that fit, as RULER does (the actual length is recorded per trial).
 Depth (NIAH only) is the position of the first asked needle: 0 puts it right after the
 instruction, 1 right before the question (checked token by token when the trial is built);
-RULER draws depths at random, here they are an axis of the heatmap and the other needles
-sit at random sentence boundaries. Trial seeds make prompts identical byte for byte.
-Differences from RULER, on purpose or forced: no SQuAD / HotpotQA download (pass a local
-file in RULER's json format), no few-shot example for vt / cwe (RULER adds one), cwe words
-come from the essays' vocabulary (RULER: the wonderwords lists), no sentence tokenizer
-(needles go between sentences split on '. ').
+RULER draws depths at random, here they are an axis of the heatmap (--trials per task and
+length go round the depths) and the other needles sit at random sentence boundaries. vt and
+cwe start with one solved example, as RULER's do. Trial seeds make prompts identical byte
+for byte. Differences from RULER, on purpose or forced: no SQuAD / HotpotQA download (pass a
+local file in RULER's json format), NIAH keys and cwe words come from built-in lists and the
+essays' vocabulary (RULER: the wonderwords lists), no sentence tokenizer (needles go between
+sentences split on '. ').
 
 Scores are per trial in [0, 1] (RULER reports their mean x 100). Outputs results.json
 (command, server /v1/models card, tool versions, every trial), a depth x length heatmap
@@ -155,6 +156,7 @@ class Builder:
         self.vocab = sorted({w for w in re.findall(r"[a-z]{4,}", essay_text.lower())})
         self.qa_file, self.qa_format = qa_file, qa_format
         self._qa: tuple[list[dict], list[str]] | None = None
+        self._vt_noise: int | None = None
 
     # token pieces
     def ids(self, text: str) -> list[int]:
@@ -267,17 +269,42 @@ class Builder:
         return units
 
     # --- vt -----------------------------------------------------------------------------
-    def _vt(self, target: int, length: int, seed: int, rng: random.Random) -> Trial:
+    def _vt_chain(self, rng: random.Random, letters: int) -> tuple[list[str], str, list[str]]:
+        """RULER's generate_chains for one chain of 4 hops: 5 distinct names, a 5-digit value."""
         names: list[str] = []
         while len(names) < 5:
-            n = "".join(rng.choices(string.ascii_uppercase, k=5))
+            n = "".join(rng.choices(string.ascii_uppercase, k=letters))
             if n not in names:
                 names.append(n)
         value = str(rng.randint(10000, 99998))
-        chain = [f"VAR {names[0]} = {value}"] + [f"VAR {names[j + 1]} = VAR {names[j]} " for j in range(4)]
+        return names, value, [f"VAR {names[0]} = {value}"] + [f"VAR {names[j + 1]} = VAR {names[j]} " for j in range(4)]
+
+    def _vt_text(self, rng: random.Random, n_noise: int, letters: int) -> tuple[str, list[str]]:
+        """A whole vt prompt, answer prefix included, over ``n_noise`` noise lines (RULER's noise haystack)."""
+        names, value, chain = self._vt_chain(rng, letters)
+        lines = [NOISE] * n_noise
+        for j, at in enumerate(sorted(rng.sample(range(n_noise), len(chain)))):
+            lines.insert(at + j, chain[j])
+        return VT_TEMPLATE.format(context="\n".join(lines), query=value) + VT_PREFIX.format(num_v=5, query=value), names
+
+    def _vt_example(self, rng: random.Random) -> str:
+        """RULER's in-context example: a solved vt prompt of at most 500 tokens (3-letter names), then a newline."""
+        if self._vt_noise is None:  # the most noise lines that fit, found once (RULER's binary search)
+            lo, hi = 5, 64  # 5 noise lines at least: the chain is spread over distinct ones
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                text, names = self._vt_text(random.Random(0), mid, 3)
+                lo, hi = (mid, hi) if len(self.ids(text + " " + " ".join(names) + "\n")) <= 500 else (lo, mid - 1)
+            self._vt_noise = lo
+        text, names = self._vt_text(rng, self._vt_noise, 3)
+        return text + " " + " ".join(names) + "\n"
+
+    def _vt(self, target: int, length: int, seed: int, rng: random.Random) -> Trial:
+        example = self._vt_example(rng)
+        names, value, chain = self._vt_chain(rng, 5)
         head, tail = VT_TEMPLATE.format(context="\0", query=value).split("\0")
         prefix = VT_PREFIX.format(num_v=5, query=value)
-        head_ids, tail_ids = self.ids(head[:-1]), self.ids(tail + prefix)  # units bring their own newline
+        head_ids, tail_ids = self.ids(example + head[:-1]), self.ids(tail + prefix)  # units bring their own newline
         chain_ids = [self.ids("\n" + c) for c in chain]
         budget = target - len(head_ids) - len(tail_ids) - sum(len(c) for c in chain_ids)
         if budget < 8:
@@ -285,7 +312,7 @@ class Builder:
         units = self._haystack_units(NiahSpec("noise", "words", "numbers"), "\n", budget, rng)
         at = sorted(rng.randint(0, len(units)) for _ in chain_ids)
         body, u = [], 0
-        for a, c in zip(at, chain_ids, strict=False):
+        for a, c in zip(at, chain_ids, strict=True):
             body += [t for x in units[u:a] for t in x] + c
             u = max(u, a)
         body += [t for x in units[u:] for t in x]
@@ -312,13 +339,19 @@ class Builder:
         return Trial(task, length, None, seed, ids, prefix, refs)
 
     def _cwe(self, n_words: int, length: int, rng: random.Random) -> tuple[str, str, list[str]]:
-        common_reps, uncommon_reps = (6, 1) if length < 4096 else (30, 3)  # RULER's short-context counts
-        words = rng.sample(self.vocab, min(len(self.vocab), n_words))
-        common, uncommon = words[:10], words[10:]
-        items = common * common_reps + uncommon * uncommon_reps
-        rng.shuffle(items)
-        context = " ".join(f"{i + 1}. {w}" for i, w in enumerate(items))
-        return CWE_TEMPLATE.format(context=context), CWE_PREFIX, common
+        """RULER's common_words_extraction: one solved example, then the list; below 4K the short-context counts."""
+        def example(n: int, common_reps: int, uncommon_reps: int) -> tuple[str, list[str]]:
+            words = rng.sample(self.vocab, min(len(self.vocab), n))
+            common, uncommon = words[:10], words[10:]
+            items = common * common_reps + uncommon * uncommon_reps
+            rng.shuffle(items)
+            return " ".join(f"{i + 1}. {w}" for i, w in enumerate(items)), common
+
+        shot, shot_answer = example(20, 3, 1) if length < 4096 else example(40, 10, 3)
+        context, common = example(n_words, 6, 1) if length < 4096 else example(n_words, 30, 3)
+        solved = CWE_TEMPLATE.format(context=shot) + CWE_PREFIX + " " + " ".join(
+            f"{i + 1}. {w}" for i, w in enumerate(shot_answer))
+        return solved + "\n" + CWE_TEMPLATE.format(context=context), CWE_PREFIX, common
 
     def _fwe(self, n_words: int, target: int, rng: random.Random) -> tuple[str, str, list[str]]:
         vocab_size = max(8, target // 50)
@@ -411,9 +444,12 @@ def accuracy(rows: list[dict[str, Any]]) -> dict[str, dict[int, dict[Any, float]
     return {t: {L: {d: sum(x) / len(x) for d, x in ds.items()} for L, ds in ls.items()} for t, ls in acc.items()}
 
 
-def by_length(acc: dict) -> dict[str, dict[int, float]]:
-    """Mean over depths and trials (each depth has the same number of trials)."""
-    return {t: {L: sum(ds.values()) / len(ds) for L, ds in ls.items()} for t, ls in acc.items()}
+def by_length(rows: list[dict[str, Any]]) -> dict[str, dict[int, float]]:
+    """{task: {length: mean score over all its trials}}: RULER's per-task number (/ 100)."""
+    acc: dict[str, dict[int, list[float]]] = {}
+    for r in rows:
+        acc.setdefault(r["task"], {}).setdefault(r["length"], []).append(r["score"])
+    return {t: {L: sum(x) / len(x) for L, x in ls.items()} for t, ls in acc.items()}
 
 
 def plot_heatmaps(acc: dict, out_dir: Path, title: str) -> list[Path]:
@@ -485,7 +521,7 @@ def format_table(named: list[tuple[str, dict[str, dict[int, float]]]]) -> str:
         for L in sorted(ls):
             vals = [acc.get(task, {}).get(L, float("nan")) for _, acc in named]
             lines.append(f"{task:<18}{METRIC[task]:<19}{L:>7}" + "".join(f"{v:>10.3f}" for v in vals))
-    lines.append("(mean per-trial score over depths and trials; RULER prints it x 100)")
+    lines.append("(mean per-trial score over all trials of the task and length; RULER prints it x 100)")
     return "\n".join(lines)
 
 
@@ -507,7 +543,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"comma list of {', '.join(TASKS)}")
     p.add_argument("--lengths", default="4k,8k", help="L = prompt + answer budget, tokens; 16k allowed (default: 4k,8k)")
     p.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="NIAH depths in [0, 1] (default: 0,0.25,0.5,0.75,1)")
-    p.add_argument("--trials", type=int, default=5, help="trials per (task, length, depth) (default: 5)")
+    p.add_argument("--trials", type=int, default=20,
+                   help="trials per (task, length); NIAH tasks spread them evenly over --depths (default: 20)")
     p.add_argument("--seed", type=int, default=0, help="first trial seed (default: 0)")
     p.add_argument("--endpoint", choices=("completions", "chat"), default="completions",
                    help="completions: token ids; chat: messages, the answer prefix as a continued assistant turn")
@@ -519,6 +556,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model2", default=None)
     p.add_argument("--api-key2", default=None)
     p.add_argument("--out-dir", default="ruler-results", help="results.json and plots (default: ruler-results)")
+    p.add_argument("--export", default=None, metavar="FILE.jsonl",
+                   help="also write the prompts as RULER's jsonl (input, outputs, length, answer_prefix) plus "
+                        "lm-eval's fields (gen_prefix, max_length), to run the same prompts through other tools")
+    p.add_argument("--export-only", action="store_true", help="with --export: write the prompts, send nothing")
     return p
 
 
@@ -526,9 +567,25 @@ def build_trials(builder: Builder, tasks: list[str], lengths: list[int], depths:
                  seed: int) -> list[Trial]:
     from tqdm.auto import tqdm
 
-    specs = [(task, L, d, seed + k) for task in tasks for L in lengths
-             for d in (depths if task in NIAH_TASKS else [None]) for k in range(trials)]
+    # trials per (task, length); NIAH trials go round the depths, so each heatmap cell gets trials / len(depths)
+    specs = [(task, L, depths[k % len(depths)] if task in NIAH_TASKS else None, seed + k)
+             for task in tasks for L in lengths for k in range(trials)]
     return [builder.build(*s) for s in tqdm(specs, desc="building prompts", unit="trial", file=sys.stderr)]
+
+
+def export_jsonl(trials: list[Trial], tok: ServerTokenizer, path: Path) -> int:
+    """RULER's manifest rows (scripts/data/synthetic/*.py: input without the answer prefix, outputs, length,
+    answer_prefix) plus what lm-eval's ruler tasks read (gen_prefix, joined to input by one space; max_length)."""
+    with path.open("w") as f:
+        for i, t in enumerate(trials):
+            text = tok.decode(t.prompt_ids)
+            cut = len(text) - len(t.answer_prefix)
+            f.write(json.dumps({"index": i, "task": t.task, "input": text[:cut], "outputs": t.refs,
+                                "length": len(t.prompt_ids) + t.budget, "max_length": t.length,
+                                "answer_prefix": text[cut:], "gen_prefix": text[cut:].lstrip(" "),
+                                "tokens_to_generate": t.budget, "metric": METRIC[t.task], "depth": t.depth,
+                                "seed": t.seed}) + "\n")
+    return len(trials)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -547,6 +604,12 @@ def main(argv: list[str] | None = None) -> int:
         for ep in targets:
             ep.check_length(max(lengths), f"length {max(lengths)}")
         tok = ServerTokenizer(targets[0])
+        if args.endpoint == "completions":
+            for ep in targets[1:]:  # prompts go out as server 1's token ids
+                probe = corpus_text(args.haystack)[:2000]
+                if ServerTokenizer(ep).encode(probe) != tok.encode(probe):
+                    raise EndpointError(f"{ep.base_url} tokenises differently from {targets[0].base_url}: "
+                                        "--compare with --endpoint completions needs one tokenizer (use --endpoint chat)")
         builder = Builder(tok, corpus_text(args.haystack), args.qa_file, args.qa_format)
         trials = build_trials(builder, tasks, lengths, depths, args.trials, args.seed)
     except (EndpointError, ValueError, FileNotFoundError) as e:
@@ -554,6 +617,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if args.export:
+        n = export_jsonl(trials, tok, Path(args.export))
+        print(f"wrote {n} prompts to {args.export}", file=sys.stderr)
+        if args.export_only:
+            return 0
     named, servers = [], {}
     for i, ep in enumerate(targets, 1):
         rows = asyncio.run(run_trials(ep, ServerTokenizer(ep), trials, args.endpoint, args.concurrency,
@@ -562,8 +630,8 @@ def main(argv: list[str] | None = None) -> int:
         sub = out_dir / f"server{i}" if len(targets) > 1 else out_dir
         sub.mkdir(parents=True, exist_ok=True)
         plot_heatmaps(acc, sub, ep.model)
-        named.append((f"{ep.model}@{ep.base_url}", by_length(acc)))
-        servers[f"server{i}"] = {"base_url": ep.base_url, "card": ep.card, "by_length": by_length(acc),
+        named.append((f"{ep.model}@{ep.base_url}", by_length(rows)))
+        servers[f"server{i}"] = {"base_url": ep.base_url, "card": ep.card, "by_length": named[-1][1],
                                  "accuracy": {t: {str(L): {str(d): a for d, a in ds.items()} for L, ds in ls.items()}
                                               for t, ls in acc.items()},
                                  "trials": rows}
