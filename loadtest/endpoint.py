@@ -88,6 +88,14 @@ class ServerTokenizer:
     def decode(self, ids: list[int]) -> str:
         return self._post("detokenize", {"tokens": list(ids)})["prompt"]
 
+    def chat_overhead(self) -> int:
+        """Tokens the chat template adds around a user turn and a continued assistant turn (RULER's
+        model_template_token): asked of /tokenize with messages, minus the two contents' own tokens."""
+        messages = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
+        n = self._post("tokenize", {"messages": messages, "add_generation_prompt": False,
+                                    "continue_final_message": True})["count"]
+        return n - len(self.encode("x")) - len(self.encode("y"))
+
 
 def run_info(tool: str, argv: list[str] | None) -> dict[str, Any]:
     """What a results file needs to be reproduced: the command, the time, the tool versions."""

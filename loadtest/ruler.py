@@ -24,7 +24,8 @@ Each task keeps RULER's name, template, answer prefix, generation budget and met
 
 Length L follows RULER: prompt + generation budget = L, and the prompt is built in the
 server's own tokens (asked of its /tokenize and /detokenize), so NIAH and vt prompts are
-exactly L - budget tokens long; cwe, fwe and qa take the most whole list items / documents
+exactly L - budget tokens long (with --endpoint chat the chat template's tokens count too,
+as RULER's model_template_token does); cwe, fwe and qa take the most whole list items / documents
 that fit, as RULER does (the actual length is recorded per trial).
 Depth (NIAH only) is the position of the first asked needle: 0 puts it right after the
 instruction, 1 right before the question (checked token by token when the trial is built);
@@ -150,8 +151,10 @@ class Trial:
 class Builder:
     """Builds trials in the server's tokens; the essay text is tokenised once per sentence and cached."""
 
-    def __init__(self, tok: ServerTokenizer, essay_text: str, qa_file: str | None = None, qa_format: str = "squad"):
+    def __init__(self, tok: ServerTokenizer, essay_text: str, qa_file: str | None = None, qa_format: str = "squad",
+                 reserve: int = 0):
         self.tok = tok
+        self.reserve = reserve  # tokens the chat template will add: taken from the haystack, so the total stays L
         self.sentences = [s if s.endswith(".") else s + "." for s in re.sub(r"\s+", " ", essay_text).split(". ") if s]
         self.vocab = sorted({w for w in re.findall(r"[a-z]{4,}", essay_text.lower())})
         self.qa_file, self.qa_format = qa_file, qa_format
@@ -166,7 +169,7 @@ class Builder:
         if task not in BUDGET:
             raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
         rng = random.Random(f"{task}/{length}/{depth}/{seed}")
-        target = length - BUDGET[task]
+        target = length - BUDGET[task] - self.reserve
         if task in NIAH_TASKS:
             return self._niah(task, NIAH_TASKS[task], target, length, 0.0 if depth is None else depth, seed, rng)
         if task == "vt":
@@ -610,7 +613,8 @@ def main(argv: list[str] | None = None) -> int:
                 if ServerTokenizer(ep).encode(probe) != tok.encode(probe):
                     raise EndpointError(f"{ep.base_url} tokenises differently from {targets[0].base_url}: "
                                         "--compare with --endpoint completions needs one tokenizer (use --endpoint chat)")
-        builder = Builder(tok, corpus_text(args.haystack), args.qa_file, args.qa_format)
+        reserve = tok.chat_overhead() if args.endpoint == "chat" else 0
+        builder = Builder(tok, corpus_text(args.haystack), args.qa_file, args.qa_format, reserve)
         trials = build_trials(builder, tasks, lengths, depths, args.trials, args.seed)
     except (EndpointError, ValueError, FileNotFoundError) as e:
         print(f"loadtest.ruler: error: {e}", file=sys.stderr)

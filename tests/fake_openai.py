@@ -28,6 +28,11 @@ def answer(prompt: str) -> str:
     return " " + ", ".join(found) + "." if found else " I do not know."
 
 
+def chat(messages: list[dict]) -> str:
+    """The fake chat template: a tag before each turn (3 bytes a turn)."""
+    return "".join(f"[{m['role'][0].upper()}]{m['content']}" for m in messages)
+
+
 class Handler(BaseHTTPRequestHandler):
     def log_message(self, *args):
         pass
@@ -50,7 +55,7 @@ class Handler(BaseHTTPRequestHandler):
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         if self.path == "/tokenize":
-            ids = list(body["prompt"].encode())
+            ids = list(chat(body["messages"]).encode() if "messages" in body else body["prompt"].encode())
             self._send({"count": len(ids), "max_model_len": MAX_LEN, "tokens": ids, "token_strs": None})
         elif self.path == "/detokenize":
             self._send({"prompt": bytes(body["tokens"]).decode(errors="replace")})
@@ -62,7 +67,7 @@ class Handler(BaseHTTPRequestHandler):
             self._send({"choices": [{"index": 0, "text": out, "finish_reason": "stop"}],
                         "usage": {"prompt_tokens": n, "completion_tokens": len(out.encode())}})
         elif self.path == "/v1/chat/completions":
-            text = "".join(m["content"] for m in body["messages"])
+            text = chat(body["messages"])
             out = answer(text)
             self._send({"choices": [{"index": 0, "message": {"role": "assistant", "content": out}}],
                         "usage": {"prompt_tokens": len(text.encode()), "completion_tokens": len(out.encode())}})

@@ -162,6 +162,8 @@ def test_depth_axis_on_a_model_that_reads_only_the_first_half(fake, tmp_path, en
             assert res["server1"]["accuracy"][task][L] == {"0.0": 1.0, "1.0": 0.0}
         assert (out / f"heatmap_{task}.png").stat().st_size > 1000
     assert (out / "accuracy_by_length.png").stat().st_size > 1000
+    # what the server counted, chat template included, plus the answer budget is exactly L
+    assert all(t["prompt_tokens"] + 128 == t["length"] for t in res["server1"]["trials"])
     assert res["command"].startswith("python -m loadtest.ruler --base-url")
     assert res["server1"]["card"]["id"] == "fake" and res["versions"]["httpx"]
 
