@@ -33,7 +33,8 @@ def test_bench_counts_match_server_metrics(tiny_server, tmp_path, capsys):
     before = scrape_metrics(base)
     out = tmp_path / "bench.json"
     rc = bench.main(["--base-url", base, "--input-len", "96", "--output-len", "12", "--num-requests", "12",
-                     "--max-concurrency", "4", "--request-rate", "50", "--warmup", "0", "--quiet", "--out", str(out)])
+                     "--max-concurrency", "4", "--request-rate", "50", "--warmup", "0", "--quiet", "--out", str(out),
+                     "--goodput", "ttft:60000", "e2el:60000"])
     assert rc == 0
     after = scrape_metrics(base)
     res = json.loads(out.read_text())["results"]
@@ -43,6 +44,8 @@ def test_bench_counts_match_server_metrics(tiny_server, tmp_path, capsys):
     assert after["vllm:prompt_tokens_total"] - before.get("vllm:prompt_tokens_total", 0) == r["input_tokens"] == 12 * 96
     assert after["vllm:generation_tokens_total"] - before.get("vllm:generation_tokens_total", 0) == r["output_tokens"] == 12 * 12
     assert 0 < r["ttft_s"]["p50"] <= r["e2el_s"]["p50"] and r["tpot_s"]["mean"] > 0
+    assert r["request_goodput"] == r["request_throughput"]  # a minute's SLO: every request is good
+    assert out.with_suffix(".cdf.png").stat().st_size > 1000
     text = capsys.readouterr().out
     assert "TTFT p99 (ms)" in text and "output throughput (tok/s)" in text
 
