@@ -1,23 +1,26 @@
 """Load test any OpenAI-compatible server; metrics defined as in `vllm bench serve`.
 
     python -m loadtest.bench --base-url http://127.0.0.1:8000 [--model NAME] \\
-        --input-len 1024 --output-len 128 --num-requests 200 --max-concurrency 16 \\
-        [--request-rate 4] [--duration 60] [--endpoint completions|chat] \\
+        --input-len 1024 --output-len 128 --num-prompts 200 --max-concurrency 16 \\
+        [--request-rate 4] [--goodput ttft:2000 tpot:100] [--endpoint completions|chat] \\
         [--compare http://127.0.0.1:8001 --model2 NAME2] [--out result.json]
 
+vllm bench serve's flag names work too (--random-input-len, --random-output-len,
+--random-range-ratio, --num-prompts, --num-warmups, --temperature, --goodput).
+
 Prompts are windows of real prose (the Paul Graham essays) cut to exact token
-counts in the server's tokens and sent as token ids (completions) or text
-(chat). Requests arrive as a Poisson process at --request-rate (default: all
-at once) with at most --max-concurrency in flight. --warmup requests run first
-and are not counted.
+counts in the server's own tokens (asked of its /tokenize: no local tokenizer, no
+torch) and sent as token ids (completions) or text (chat). Requests arrive as a
+Poisson process at --request-rate (default: all at once) with at most
+--max-concurrency in flight. --warmup requests run first and are not counted.
 
 Definitions (vllm bench serve's, vllm/benchmarks/serve.py): TTFT = send -> first
 chunk with choices (even with empty text); TPOT = (E2EL - TTFT) / (output tokens - 1)
 per request with > 1 token; ITL = gaps between chunks with choices; E2EL = send ->
 last chunk with choices; a stream without one is a failure; output tokens from the
 server's streamed usage; goodput = requests meeting every --goodput SLO per second.
-Prompts are tokenised by the server (/tokenize): no local tokenizer or torch. Throughputs are over the wall time of the
-measured requests. Ctrl-C stops early and prints what was measured so far.
+Throughputs are over the wall time of the measured requests. Ctrl-C stops early and
+prints what was measured so far.
 """
 
 from __future__ import annotations
