@@ -80,6 +80,7 @@ class RecalibConfig:
     eval_every: int = 0
     """Held-out loss every N steps (0: only at the end)."""
     eval_batches: int = 4
+    """Held-out batches of micro_batch x ranks sequences (the same sequences for any number of ranks)."""
     log_every: int = 10
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

@@ -60,7 +60,9 @@ def resolve_base(base: str) -> Path:
         raise RecalibConfigError(f"base {base!r} is not a local directory and could not be downloaded: {e}") from None
 
 
-def prepare_output(cfg: RecalibConfig, resume: bool, overwrite: bool) -> Path:
+def prepare_output(cfg: RecalibConfig, resume: bool, overwrite: bool, write: bool = True) -> Path:
+    """Refuse an output directory that holds something else; with write, clear and create it.
+    write=False only checks, so every rank of a multi-process run reaches the same verdict."""
     out = Path(cfg.output_dir)
     saved = out / CONFIG_NAME
     if resume:
@@ -79,8 +81,10 @@ def prepare_output(cfg: RecalibConfig, resume: bool, overwrite: bool) -> Path:
             else:
                 what = "a different run"
             raise RecalibConfigError(f"{out} already holds {what}; pass --resume to continue it or --overwrite to replace it")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+        if write:
+            shutil.rmtree(out)
+    if write:
+        out.mkdir(parents=True, exist_ok=True)
     return out
 
 
@@ -94,6 +98,7 @@ def _identity(cfg: RecalibConfig) -> dict[str, Any]:
 
 def train(cfg: RecalibConfig, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
     import torch
+    from accelerate import PartialState
     from transformers import AutoTokenizer, TrainingArguments, set_seed
     from transformers.trainer_utils import get_last_checkpoint
 
@@ -102,7 +107,7 @@ def train(cfg: RecalibConfig, resume: bool = False, overwrite: bool = False) -> 
     from model_patches.reference import load_reference
 
     from .data import PackedTrainData, check_data, heldout_tokens, pack
-    from .trainer import AtomicCheckpointTrainer, ProgressLog
+    from .trainer import DATA_STATE, AtomicCheckpointTrainer, ProgressLog
 
     # Everything that can be wrong with the inputs is checked before the output directory is touched.
     base = resolve_base(cfg.base)
@@ -113,31 +118,53 @@ def train(cfg: RecalibConfig, resume: bool = False, overwrite: bool = False) -> 
         raise RecalibConfigError(f"{base} states no context length; pass --seq-len")
     tokenizer = AutoTokenizer.from_pretrained(base)
     data_info = check_data(cfg.data, tokenizer, seq_len)
-    out = prepare_output(cfg, resume, overwrite)
-    cfg.save(out / CONFIG_NAME)
-
-    init = out / "init"
-    if is_drope_config(base_cfg):
-        init = base
-    elif not (init / "config.json").exists():
-        convert(base, init, attention_type=cfg.attention_type, train_context=seq_len, overwrite=True)
-
     on_gpu = torch.cuda.is_available()
+    # Under torchrun / accelerate launch every rank runs this; only rank 0 writes, after all agree.
+    dist = PartialState(cpu=not on_gpu)
+    out = prepare_output(cfg, resume, overwrite, write=False)
+    dist.wait_for_everyone()
+    init = base if is_drope_config(base_cfg) else out / "init"
+    if dist.is_main_process:
+        prepare_output(cfg, resume, overwrite)
+        cfg.save(out / CONFIG_NAME)
+        if not (init / "config.json").exists():
+            convert(base, init, attention_type=cfg.attention_type, train_context=seq_len, overwrite=True)
+    dist.wait_for_everyone()
+    if dist.num_processes > 1 and not on_gpu and os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        log.warning("FSDP config on CPU: accelerate runs it as plain data parallel (DDP, gloo); "
+                    "it enables FSDP for accelerator devices only")
+
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and on_gpu)
     set_seed(cfg.seed)
     # fp32 master weights always: bf16 runs under autocast (Trainer bf16=True, or FSDP's mixed
     # precision), so updates smaller than bf16's resolution are not rounded away.
     model = load_reference(init, dtype=torch.float32)
     model.train()
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    world_size = dist.num_processes
     steps = cfg.steps(seq_len, world_size)
     tokens_per_step = cfg.tokens_per_step(seq_len, world_size)
     held = heldout_tokens(cfg.data, tokenizer)
-    eval_seqs = list(pack(iter([held]), seq_len))[: cfg.eval_batches * cfg.micro_batch]
+    # Global batches, so the held-out set is the same for any number of ranks.
+    eval_seqs = list(pack(iter([held]), seq_len))[: cfg.eval_batches * cfg.micro_batch * world_size]
     eval_data = [{"input_ids": torch.tensor(s), "labels": torch.tensor(s)} for s in eval_seqs]
+    # Snapshot the stream at every optimizer step's boundary, so a checkpoint can record where it is.
+    train_data = PackedTrainData(cfg.data, tokenizer, seq_len, cfg.seed,
+                                 snapshot_every=cfg.micro_batch * cfg.grad_accum * world_size)
+    ckpt_dir = out / "checkpoints"
+    last = get_last_checkpoint(str(ckpt_dir)) if resume and ckpt_dir.exists() else None
+    data_state = Path(last) / DATA_STATE if last else None
+    seek = bool(data_state and data_state.exists())
+    if seek:
+        train_data.load_state_dict(json.loads(data_state.read_text()))
+    if resume and not last:
+        log.info("resuming from the start (no complete checkpoint yet)")
+    elif resume:
+        log.info("resuming from %s; data: %s", last,
+                 f"seeking to sequence {train_data.start.sequences} (epoch {train_data.start.epoch})" if seek
+                 else "replaying the consumed batches (the checkpoint records no stream position)")
 
     args = TrainingArguments(
-        output_dir=str(out / "checkpoints"),
+        output_dir=str(ckpt_dir),
         max_steps=steps,
         per_device_train_batch_size=cfg.micro_batch,
         per_device_eval_batch_size=cfg.micro_batch,
@@ -163,29 +190,31 @@ def train(cfg: RecalibConfig, resume: bool = False, overwrite: bool = False) -> 
         dataloader_num_workers=0,
         remove_unused_columns=False,
         disable_tqdm=not sys.stderr.isatty(),
+        ignore_data_skip=seek,  # the stream seeks by itself; no replay
+        # Held-out loss before training, from inside train(): a trainer.evaluate() before train()
+        # prepares the model unwrapped, and train() then runs multi-process without DDP (ranks drift apart).
+        eval_on_start=last is None,
     )
     progress = ProgressLog(tokens_per_step)
     trainer = AtomicCheckpointTrainer(
-        model=model, args=args, train_dataset=PackedTrainData(cfg.data, tokenizer, seq_len, cfg.seed),
-        eval_dataset=eval_data, callbacks=[progress],
+        model=model, args=args, train_dataset=train_data, eval_dataset=eval_data, callbacks=[progress],
     )
-    last = get_last_checkpoint(args.output_dir) if resume and Path(args.output_dir).exists() else None
-    if resume:
-        log.info("resuming from %s", last or "the start (no complete checkpoint yet)")
-    first_eval = trainer.evaluate()["eval_loss"] if not last else None
     result = trainer.train(resume_from_checkpoint=last)
     final_eval = trainer.evaluate()["eval_loss"]
+    first_eval = next((h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h), None)
 
     final = out / "final"
-    trainer.save_model(str(final))
-    tokenizer.save_pretrained(str(final))
+    trainer.save_model(str(final))  # every rank: under FSDP the full weights are gathered to rank 0
     summary = {
         "steps": trainer.state.global_step, "seq_len": seq_len, "tokens_trained": trainer.state.global_step * tokens_per_step,
         "train_loss": result.training_loss, "heldout_loss_start": first_eval, "heldout_loss_end": final_eval,
         "heldout_ppl_end": math.exp(final_eval), "tokens_per_s": progress.last.get("tokens_per_s"),
-        "final_checkpoint": str(final), **data_info,
+        "final_checkpoint": str(final), "world_size": world_size,
+        "loss_curve": [[h["step"], h["loss"]] for h in trainer.state.log_history if "loss" in h], **data_info,
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    if dist.is_main_process:
+        tokenizer.save_pretrained(str(final))
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 
@@ -252,7 +281,9 @@ def config_from_args(args: argparse.Namespace) -> RecalibConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    rank0 = int(os.environ.get("RANK", "0")) == 0  # torchrun / accelerate launch: one log, one summary
+    logging.basicConfig(level=logging.INFO if rank0 else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:
         cfg = config_from_args(args)
@@ -260,7 +291,8 @@ def main(argv: list[str] | None = None) -> int:
     except (RecalibConfigError, FileNotFoundError) as e:
         print(f"recalibration.run: error: {e}", file=sys.stderr)
         return 2
-    print(format_summary(cfg, summary))
+    if rank0:
+        print(format_summary(cfg, summary))
     return 0
 
 

@@ -7,6 +7,7 @@ environment (FSDP through recalibration/fsdp.yaml).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -19,11 +20,18 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 log = logging.getLogger("drope.recalib")
 
 STAGING = ".staging"
+DATA_STATE = "data_state.json"
 
 
 class AtomicCheckpointTrainer(Trainer):
     """Checkpoints are written to <output>/.staging/checkpoint-N and renamed into place when
-    complete, so a run killed mid-write never leaves a checkpoint-N that --resume would pick."""
+    complete, so a run killed mid-write never leaves a checkpoint-N that --resume would pick.
+    Each checkpoint also holds the training stream's position (data_state.json, when the
+    dataset has ``state_after``), so resuming seeks there instead of replaying the data."""
+
+    def sequences_consumed(self) -> int:
+        a = self.args
+        return self.state.global_step * a.gradient_accumulation_steps * a.per_device_train_batch_size * a.world_size
 
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
         run_dir = self._get_output_dir(trial=trial)
@@ -39,6 +47,12 @@ class AtomicCheckpointTrainer(Trainer):
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
             name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            if hasattr(self.train_dataset, "state_after"):
+                # Every global batch passes through rank 0's stream (accelerate dispatches an
+                # IterableDataset's batches from rank 0), so its position is the run's.
+                state = self.train_dataset.state_after(self.sequences_consumed())
+                with open(os.path.join(staging, name, DATA_STATE), "w") as f:
+                    json.dump(state, f)
             final = os.path.join(run_dir, name)
             if os.path.exists(final):
                 shutil.rmtree(final)

@@ -1,21 +1,31 @@
-"""Test-only launcher: `python tests/recalib_crash.py {after-save|in-save} STEP ARGS...` runs
-recalibration.run and dies like kill -9 (exit 137) at checkpoint STEP.
+"""Test-only launcher: `python tests/recalib_crash.py WHEN STEP ARGS...` runs recalibration.run
+(under torchrun too) and dies like kill -9 (exit 137) at checkpoint STEP.
 
-  after-save: once checkpoint-STEP is complete and renamed into place;
-  in-save:    with checkpoint-STEP complete in .staging but before the rename.
+  after-save:       every rank, once checkpoint-STEP is complete and renamed into place;
+  rank1-after-save: rank 1 alone, once checkpoint-STEP is in place (torchrun then stops the others);
+  in-save:          with checkpoint-STEP complete in .staging but before the rename;
+  none:             no crash.
+
+With RECORD_BATCHES=DIR, each rank appends the token rows of every micro-batch it trains on to
+DIR/rank<R>.jsonl as {"step": optimizer step, "rows": [...]}.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
+import time
 
 from recalibration import trainer
 from recalibration.run import main
 
+RANK = int(os.environ.get("RANK", "0"))
+
 
 def crash_at(when: str, step: int) -> None:
     name = f"checkpoint-{step}"
+    real_save = trainer.AtomicCheckpointTrainer._save_checkpoint
     if when == "in-save":
         real_replace = os.replace
 
@@ -25,17 +35,32 @@ def crash_at(when: str, step: int) -> None:
             return real_replace(src, dst, *a, **kw)
 
         os.replace = replace
-    else:
-        real_save = trainer.AtomicCheckpointTrainer._save_checkpoint
-
+    elif when in ("after-save", "rank1-after-save"):
         def save(self, model, trial):
             real_save(self, model, trial)
-            if self.state.global_step == step:
+            if self.state.global_step == step and (when == "after-save" or RANK == 1):
+                done = os.path.join(self._get_output_dir(trial=trial), name)
+                while not os.path.isdir(done):  # rank 0 renames it into place after the barrier
+                    time.sleep(0.05)
                 os._exit(137)
 
         trainer.AtomicCheckpointTrainer._save_checkpoint = save
 
 
+def record_batches(directory: str) -> None:
+    real_step = trainer.AtomicCheckpointTrainer.training_step
+    os.makedirs(directory, exist_ok=True)
+
+    def training_step(self, model, inputs, *a, **kw):
+        with open(os.path.join(directory, f"rank{RANK}.jsonl"), "a") as f:
+            f.write(json.dumps({"step": self.state.global_step, "rows": inputs["input_ids"].tolist()}) + "\n")
+        return real_step(self, model, inputs, *a, **kw)
+
+    trainer.AtomicCheckpointTrainer.training_step = training_step
+
+
 if __name__ == "__main__":
     crash_at(sys.argv[1], int(sys.argv[2]))
+    if os.environ.get("RECORD_BATCHES"):
+        record_batches(os.environ["RECORD_BATCHES"])
     sys.exit(main(sys.argv[3:]))
