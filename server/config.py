@@ -155,6 +155,13 @@ def prepare(args: argparse.Namespace, on_cpu: bool, environ: MutableMapping[str,
         )
 
     if on_cpu:
+        if args.distributed_executor_backend == "ray":
+            # Measured (scripts/probe_ray.py): a two-node Ray cluster starts, then the engine fails with
+            # "current platform cpu does not support ray" (vLLM's CPU platform declares no Ray device).
+            raise ServerConfigError(
+                "--distributed-executor-backend ray: vLLM's CPU build has no Ray executor; use the default "
+                "(mp), which runs --tensor-parallel-size ranks as processes on this machine"
+            )
         if args.enforce_eager is None:
             # torch.compile costs ~50 s of start-up on a 2-core machine (measured: engine
             # init 52 s compiled, 3 s eager, SmolLM2-135M); GPU users keep compilation.

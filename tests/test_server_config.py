@@ -151,6 +151,17 @@ def test_queue_and_body_options(tiny_checkpoint):
             prepare(parse("--model", ckpt, *bad), on_cpu=True)
 
 
+def test_ray_backend_on_cpu_is_refused_before_the_engine_starts(tiny_checkpoint):
+    """vLLM-CPU fails inside engine start-up with Ray (scripts/probe_ray.py); say so up front."""
+    ckpt = str(tiny_checkpoint("llama", None))
+    with pytest.raises(ServerConfigError, match="no Ray executor"):
+        prepare(parse("--model", ckpt, "--tensor-parallel-size", "2", "--distributed-executor-backend", "ray"),
+                on_cpu=True)
+    args = parse("--model", ckpt, "--tensor-parallel-size", "2", "--distributed-executor-backend", "ray")
+    prepare(args, on_cpu=False, environ={})  # GPUs: vLLM's own Ray executor
+    assert args.distributed_executor_backend == "ray"
+
+
 def test_unknown_model_offline_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ServerConfigError, match="cannot read config.json"):
