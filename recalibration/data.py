@@ -200,9 +200,9 @@ class PackedTrainData(IterableDataset):
     shuffle buffer), epoch after epoch.
 
     ``state_after(n)`` is the stream's state once n sequences have been consumed (a snapshot
-    taken every ``snapshot_every`` sequences: set it to the global sequences per optimizer step,
-    and the loader may read ahead by a few steps); ``load_state_dict`` makes the next iteration
-    start there."""
+    taken every ``snapshot_every`` sequences from where this iteration started: set it to the
+    global sequences per optimizer step, and the loader may read ahead by a few steps);
+    ``load_state_dict`` makes the next iteration start there."""
 
     def __init__(self, cfg: DataConfig, tokenizer: Any, seq_len: int, seed: int, snapshot_every: int = 1):
         self.cfg, self.tokenizer, self.seq_len, self.seed = cfg, tokenizer, seq_len, seed
@@ -266,7 +266,7 @@ class PackedTrainData(IterableDataset):
                 t = torch.tensor(s.tokens[: self.seq_len], dtype=torch.long)
                 del s.tokens[: self.seq_len]
                 s.sequences += 1
-                if s.sequences % self.snapshot_every == 0:
+                if (s.sequences - self.start.sequences) % self.snapshot_every == 0:
                     self._snapshots.append(copy.deepcopy(s))
                 yield {"input_ids": t, "labels": t.clone()}
 

@@ -43,8 +43,14 @@ def resolve_base(base: str) -> Path:
 
         d = cache_root() / "tiny-rope-base"  # seeded: the same model every time
         if not (d / "config.json").exists():
-            build_tiny_checkpoint(d, "llama", hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2,
+            # Built aside and renamed into place: under torchrun every rank may get here at once.
+            tmp = d.with_name(f"{d.name}.{os.getpid()}")
+            build_tiny_checkpoint(tmp, "llama", hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2,
                                   max_position_embeddings=128, seed=0)
+            try:
+                os.replace(tmp, d)
+            except OSError:  # another rank won the race with the same model
+                shutil.rmtree(tmp, ignore_errors=True)
         return d
     if base == "smollm2-135m-instruct":
         from model_patches.assets import smollm2_hf_dir
@@ -147,21 +153,10 @@ def train(cfg: RecalibConfig, resume: bool = False, overwrite: bool = False) -> 
     # Global batches, so the held-out set is the same for any number of ranks.
     eval_seqs = list(pack(iter([held]), seq_len))[: cfg.eval_batches * cfg.micro_batch * world_size]
     eval_data = [{"input_ids": torch.tensor(s), "labels": torch.tensor(s)} for s in eval_seqs]
-    # Snapshot the stream at every optimizer step's boundary, so a checkpoint can record where it is.
-    train_data = PackedTrainData(cfg.data, tokenizer, seq_len, cfg.seed,
-                                 snapshot_every=cfg.micro_batch * cfg.grad_accum * world_size)
     ckpt_dir = out / "checkpoints"
     last = get_last_checkpoint(str(ckpt_dir)) if resume and ckpt_dir.exists() else None
-    data_state = Path(last) / DATA_STATE if last else None
-    seek = bool(data_state and data_state.exists())
-    if seek:
-        train_data.load_state_dict(json.loads(data_state.read_text()))
-    if resume and not last:
-        log.info("resuming from the start (no complete checkpoint yet)")
-    elif resume:
-        log.info("resuming from %s; data: %s", last,
-                 f"seeking to sequence {train_data.start.sequences} (epoch {train_data.start.epoch})" if seek
-                 else "replaying the consumed batches (the checkpoint records no stream position)")
+    saved_data = Path(last) / DATA_STATE if last else None
+    seek = bool(saved_data and saved_data.exists())
 
     args = TrainingArguments(
         output_dir=str(ckpt_dir),
@@ -195,10 +190,23 @@ def train(cfg: RecalibConfig, resume: bool = False, overwrite: bool = False) -> 
         # prepares the model unwrapped, and train() then runs multi-process without DDP (ranks drift apart).
         eval_on_start=last is None,
     )
+    train_data = PackedTrainData(cfg.data, tokenizer, seq_len, cfg.seed)
     progress = ProgressLog(tokens_per_step)
     trainer = AtomicCheckpointTrainer(
         model=model, args=args, train_dataset=train_data, eval_dataset=eval_data, callbacks=[progress],
     )
+    # Snapshot the stream at every optimizer step's boundary, so a checkpoint can record where it is.
+    train_data.snapshot_every = trainer.sequences_per_step()
+    if seek:
+        saved = json.loads(saved_data.read_text())
+        train_data.load_state_dict(saved["stream"])
+        trainer.data_start = (saved["step"], train_data.start.sequences)
+    if resume and not last:
+        log.info("resuming from the start (no complete checkpoint yet)")
+    elif resume:
+        log.info("resuming from %s; data: %s", last,
+                 f"seeking to sequence {train_data.start.sequences} (epoch {train_data.start.epoch})" if seek
+                 else "replaying the consumed batches (the checkpoint records no stream position)")
     result = trainer.train(resume_from_checkpoint=last)
     final_eval = trainer.evaluate()["eval_loss"]
     first_eval = next((h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h), None)
@@ -206,7 +214,7 @@ def train(cfg: RecalibConfig, resume: bool = False, overwrite: bool = False) -> 
     final = out / "final"
     trainer.save_model(str(final))  # every rank: under FSDP the full weights are gathered to rank 0
     summary = {
-        "steps": trainer.state.global_step, "seq_len": seq_len, "tokens_trained": trainer.state.global_step * tokens_per_step,
+        "steps": trainer.state.global_step, "seq_len": seq_len, "tokens_trained": trainer.sequences_consumed() * seq_len,
         "train_loss": result.training_loss, "heldout_loss_start": first_eval, "heldout_loss_end": final_eval,
         "heldout_ppl_end": math.exp(final_eval), "tokens_per_s": progress.last.get("tokens_per_s"),
         "final_checkpoint": str(final), "world_size": world_size,

@@ -1,6 +1,7 @@
 """The training stack: Hugging Face Trainer with atomic checkpoints and a tokens/s log.
 
-Same code on one CPU and on N GPUs: launched plainly it uses one device; under
+Same code on one CPU and on N GPUs: launched plainly it uses one process (all of a node's
+GPUs through nn.DataParallel, as the Trainer does); under
 ``accelerate launch`` / ``torchrun`` the Trainer picks up the distributed
 environment (FSDP through recalibration/fsdp.yaml).
 """
@@ -29,9 +30,17 @@ class AtomicCheckpointTrainer(Trainer):
     Each checkpoint also holds the training stream's position (data_state.json, when the
     dataset has ``state_after``), so resuming seeks there instead of replaying the data."""
 
+    data_start: tuple[int, int] = (0, 0)
+    """(optimizer step, stream sequences) this run started from; run.py sets it on resume."""
+
+    def sequences_per_step(self) -> int:
+        a = self.args  # train_batch_size: per device x GPUs of a single process (nn.DataParallel)
+        return a.train_batch_size * a.gradient_accumulation_steps * a.world_size
+
     def sequences_consumed(self) -> int:
-        a = self.args
-        return self.state.global_step * a.gradient_accumulation_steps * a.per_device_train_batch_size * a.world_size
+        # Counted from the resume point: the run may continue on another number of ranks.
+        step0, seq0 = self.data_start
+        return seq0 + (self.state.global_step - step0) * self.sequences_per_step()
 
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
         run_dir = self._get_output_dir(trial=trial)
@@ -52,7 +61,7 @@ class AtomicCheckpointTrainer(Trainer):
                 # IterableDataset's batches from rank 0), so its position is the run's.
                 state = self.train_dataset.state_after(self.sequences_consumed())
                 with open(os.path.join(staging, name, DATA_STATE), "w") as f:
-                    json.dump(state, f)
+                    json.dump({"step": self.state.global_step, "stream": state}, f)
             final = os.path.join(run_dir, name)
             if os.path.exists(final):
                 shutil.rmtree(final)
