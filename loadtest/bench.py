@@ -93,11 +93,15 @@ def make_requests(spec: Spec, tok: ServerTokenizer, text: str) -> list[tuple[Any
     longest = max((n for n, _ in lengths), default=1)
     ids = tok.encode(text[: 8 * longest + 20_000])  # ~4 characters a token: several windows' worth
     ids = ids * (longest // max(1, len(ids)) + 1)
+    # Token-id prompts carry the start tokens (BOS) a text prompt would get from the server, within n_in
+    # (as vLLM's random dataset leaves room for the special tokens).
+    bos = tok.start_tokens() if spec.endpoint == "completions" else []
     reqs = []
     for n_in, n_out in lengths:
-        start = rng.randrange(0, len(ids) - n_in + 1)
-        window = ids[start : start + n_in]
-        reqs.append((window if spec.endpoint == "completions" else tok.decode(window), n_in, n_out))
+        n = max(1, n_in - len(bos))
+        at = rng.randrange(0, len(ids) - n + 1)
+        window = ids[at : at + n]
+        reqs.append((bos + window if spec.endpoint == "completions" else tok.decode(window), n_in, n_out))
     return reqs
 
 
@@ -167,8 +171,11 @@ async def run_load(ep: Endpoint, spec: Spec, requests: list[tuple[Any, int, int]
         async def one(i: int, prompt: Any, n_out: int) -> None:
             nonlocal done
             async with sem:
-                results[i] = await stream_request(client, ep, spec.endpoint, prompt, n_out, ignore_eos=spec.ignore_eos,
-                                 extra=spec.body_extra)
+                try:
+                    results[i] = await stream_request(client, ep, spec.endpoint, prompt, n_out,
+                                                      ignore_eos=spec.ignore_eos, extra=spec.body_extra)
+                except Exception as e:  # anything unforeseen is a failed request, not a lost one
+                    results[i] = StreamResult(error=f"{type(e).__name__}: {e}"[:200])
             done += 1
 
         tasks: list[asyncio.Task] = []
@@ -181,13 +188,15 @@ async def run_load(ep: Endpoint, spec: Spec, requests: list[tuple[Any, int, int]
         except (NotImplementedError, RuntimeError, ValueError):  # not the main thread / platform
             pass
         try:
+            send_at = start  # arrivals on an absolute schedule, so event-loop delays do not add up
             for i, (prompt, _, n_out) in enumerate(requests):
                 if stop.is_set() or (spec.duration is not None and time.perf_counter() - start > spec.duration):
                     break
                 tasks.append(asyncio.create_task(one(i, prompt, n_out)))
                 if math.isfinite(spec.request_rate):
+                    send_at += rng.expovariate(spec.request_rate)
                     with contextlib.suppress(asyncio.TimeoutError):
-                        await asyncio.wait_for(stop.wait(), timeout=rng.expovariate(spec.request_rate))
+                        await asyncio.wait_for(stop.wait(), timeout=max(0.0, send_at - time.perf_counter()))
             pending = set(tasks)
             while pending and not stop.is_set():
                 _, pending = await asyncio.wait(pending, timeout=0.5)
@@ -204,6 +213,9 @@ async def run_load(ep: Endpoint, spec: Spec, requests: list[tuple[Any, int, int]
             if bar:
                 bar(done, time.perf_counter() - start, final=True)
         wall = time.perf_counter() - start
+    for i in range(len(tasks)):  # sent, then cancelled by Ctrl-C or the time bound: failed, not lost
+        if results[i] is None:
+            results[i] = StreamResult(error="cancelled before it finished")
     finished = [(r, requests[i][1]) for i, r in enumerate(results) if r is not None]
     summary = summarize([r for r, _ in finished], [n for _, n in finished], wall, goodput)
     summary["samples_s"] = {"ttft": [r.ttft for r, _ in finished if r.ok], "e2el": [r.latency for r, _ in finished if r.ok],

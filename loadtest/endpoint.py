@@ -88,6 +88,13 @@ class ServerTokenizer:
     def decode(self, ids: list[int]) -> str:
         return self._post("detokenize", {"tokens": list(ids)})["prompt"]
 
+    def start_tokens(self) -> list[int]:
+        """Tokens the server puts before a text prompt (BOS for Llama-2; none for SmolLM2). A prompt
+        sent as token ids gets nothing added, so it must carry them itself, as a text prompt would."""
+        plain, full = self.encode("x"), self.encode("x", add_special_tokens=True)
+        n = len(full) - len(plain)
+        return full[:n] if n > 0 and full[n:] == plain else []
+
     def chat_overhead(self) -> int:
         """Tokens the chat template adds around a user turn and a continued assistant turn (RULER's
         model_template_token): asked of /tokenize with messages, minus the two contents' own tokens."""
@@ -157,7 +164,9 @@ async def stream_request(client: httpx.AsyncClient, ep: Endpoint, endpoint: str,
             buf = b""
             done = False
             async for piece in r.aiter_raw():
-                buf += piece
+                # SSE lines may end in CRLF (sse-starlette's default); a CR split from its LF across
+                # two reads is rejoined before normalising.
+                buf = (buf + piece).replace(b"\r\n", b"\n")
                 *events, buf = buf.split(b"\n\n")
                 for event in events:
                     event = event.strip()

@@ -2,7 +2,7 @@
 
     python -m loadtest.ruler --base-url http://127.0.0.1:8000 [--model NAME] \\
         --tasks niah_single_1,niah_multikey_1,vt --lengths 1k,2k,4k --depths 0,0.5,1 --trials 20 \\
-        [--endpoint completions|chat] [--qa-file squad.json --qa-format squad] \\
+        [--endpoint completions|chat] [--squad-file squad.json] [--hotpotqa-file hotpotqa.json] \\
         [--compare http://127.0.0.1:8001 --model2 NAME2] [--out-dir ruler-results]
 
 Each task keeps RULER's name, template, answer prefix, generation budget and metric
@@ -109,6 +109,7 @@ BUDGET = {**dict.fromkeys(NIAH_TASKS, 128), "vt": 30, "cwe": 120, "fwe": 50, "qa
 METRIC = {**dict.fromkeys([*NIAH_TASKS, "vt", "cwe", "fwe"], "string_match_all"), "qa_1": "string_match_part",
           "qa_2": "string_match_part"}
 TASKS = tuple(BUDGET)
+QA_FLAGS = {"qa_1": "--squad-file", "qa_2": "--hotpotqa-file"}  # RULER: qa_1 is SQuAD v2, qa_2 HotpotQA
 ADJ = ("elite", "quiet", "amber", "rapid", "gentle", "hollow", "silver", "brave", "crimson", "lucky", "frozen", "noble",
        "tender", "bitter", "cheerful", "ancient", "curious", "fragile", "glossy", "humble", "jolly", "mellow", "placid")
 NOUN = ("butterfly", "harbor", "lantern", "meadow", "falcon", "glacier", "orchard", "compass", "violin", "canyon",
@@ -151,14 +152,14 @@ class Trial:
 class Builder:
     """Builds trials in the server's tokens; the essay text is tokenised once per sentence and cached."""
 
-    def __init__(self, tok: ServerTokenizer, essay_text: str, qa_file: str | None = None, qa_format: str = "squad",
+    def __init__(self, tok: ServerTokenizer, essay_text: str, qa_files: dict[str, str] | None = None,
                  reserve: int = 0):
         self.tok = tok
         self.reserve = reserve  # tokens the chat template will add: taken from the haystack, so the total stays L
         self.sentences = [s if s.endswith(".") else s + "." for s in re.sub(r"\s+", " ", essay_text).split(". ") if s]
         self.vocab = sorted({w for w in re.findall(r"[a-z]{4,}", essay_text.lower())})
-        self.qa_file, self.qa_format = qa_file, qa_format
-        self._qa: tuple[list[dict], list[str]] | None = None
+        self.qa_files = qa_files or {}  # {"qa_1": SQuAD v2 json, "qa_2": HotpotQA json}
+        self._qa: dict[str, tuple[list[dict], list[str]]] = {}
         self._vt_noise: int | None = None
 
     # token pieces
@@ -222,7 +223,7 @@ class Builder:
         budget = target - len(head_ids) - len(tail_ids) - sum(len(n) for n in needle_ids)
         if budget < 8:
             raise ValueError(f"length {length} is too short for {task}")
-        units = self._haystack_units(s, sep, budget, rng)
+        units = self._haystack_units(s, sep, budget, rng, set(keys))
         # needle 0 at the requested depth; the others at random inner boundaries, so none displaces it from an end
         n_units = len(units)
         at = [round(depth * n_units)] + [rng.randint(1, max(1, n_units - 1)) for _ in needle_ids[1:]]
@@ -247,8 +248,11 @@ class Builder:
         refs = [v for i in asked for v in values[i]]
         return Trial(task, length, depth, seed, ids, prefix, refs, spans, (len(head_ids), len(ids) - len(tail_ids)))
 
-    def _haystack_units(self, s: NiahSpec, sep: str, budget: int, rng: random.Random) -> list[list[int]]:
-        """Whole sentences totalling exactly ``budget`` tokens; the first one is cut at its start if needed."""
+    def _haystack_units(self, s: NiahSpec, sep: str, budget: int, rng: random.Random,
+                        keys: frozenset[str] | set[str] = frozenset()) -> list[list[int]]:
+        """Whole sentences totalling exactly ``budget`` tokens; the first one is cut at its start if needed.
+        Needle haystacks (multikey_2/3) never repeat a real needle's key: with our small word lists a
+        repeat would give the asked key a second value, which RULER's huge ones make vanishingly rare."""
         units: list[list[int]] = []
         total = 0
         i = 0
@@ -258,7 +262,10 @@ class Builder:
             elif s.haystack == "noise":
                 text = sep + NOISE
             else:
-                text = sep + NEEDLE.format(type_needle_v=s.value, key=self._rand(s.key, rng), value=self._rand(s.value, rng))
+                key = self._rand(s.key, rng)
+                while key in keys:
+                    key = self._rand(s.key, rng)
+                text = sep + NEEDLE.format(type_needle_v=s.value, key=key, value=self._rand(s.value, rng))
             units.append(self.ids(text))
             total += len(units[-1])
             i += 1
@@ -370,29 +377,40 @@ class Builder:
         rng.shuffle(sampled)
         return FWE_TEMPLATE.format(context=" ".join(sampled)), FWE_PREFIX, words[1:4]
 
-    def _qa_data(self) -> tuple[list[dict], list[str]]:
-        if self._qa is None:
-            if not self.qa_file:
-                raise ValueError("qa_1 / qa_2 need --qa-file: SQuAD v2 or HotpotQA json in RULER's format (not fetched)")
-            data = json.loads(Path(self.qa_file).read_text())
-            if self.qa_format == "squad":  # RULER's read_squad
+    def _qa_data(self, task: str) -> tuple[list[dict], list[str]]:
+        if task not in self._qa:
+            flag = QA_FLAGS[task]
+            if not self.qa_files.get(task):
+                raise ValueError(f"{task} needs {flag}: a local copy in RULER's json format (not fetched here)")
+            data = json.loads(Path(self.qa_files[task]).read_text())
+            if task == "qa_1":  # RULER's read_squad: distractors from the same article come first
                 docs = sorted({p["context"] for d in data["data"] for p in d["paragraphs"]})
                 idx = {c: i for i, c in enumerate(docs)}
-                qas = [{"query": q["question"], "outputs": [a["text"] for a in q["answers"]], "context": [idx[p["context"]]]}
+                qas = [{"query": q["question"], "outputs": [a["text"] for a in q["answers"]],
+                        "context": [idx[p["context"]]],
+                        "more_context": [idx[o["context"]] for o in d["paragraphs"] if o["context"] != p["context"]]}
                        for d in data["data"] for p in d["paragraphs"] for q in p["qas"] if not q.get("is_impossible")]
             else:  # RULER's read_hotpotqa
                 docs = sorted({f"{t}\n{''.join(p)}" for d in data for t, p in d["context"]})
                 idx = {c: i for i, c in enumerate(docs)}
                 qas = [{"query": d["question"], "outputs": [d["answer"]],
                         "context": [idx[f"{t}\n{''.join(p)}"] for t, p in d["context"]]} for d in data]
-            self._qa = (qas, docs)
-        return self._qa
+            self._qa[task] = (qas, docs)
+        return self._qa[task]
 
     def _qa_text(self, task: str, n_docs: int, rng: random.Random) -> tuple[str, str, list[str]]:
-        qas, docs = self._qa_data()
+        """RULER's qa generate_input_output: the gold documents, then the same article's, then random others."""
+        qas, docs = self._qa_data(task)
         qa = qas[rng.randrange(len(qas))]
-        others = [i for i in range(len(docs)) if i not in qa["context"]]
-        chosen = qa["context"] + rng.sample(others, min(len(others), max(0, n_docs - len(qa["context"]))))
+        gold, more = qa["context"], qa.get("more_context", [])
+        if n_docs < len(docs):
+            if n_docs - len(gold) > len(more):
+                others = [i for i in range(len(docs)) if i not in gold and i not in more]
+                chosen = gold + more + rng.sample(others, max(0, n_docs - len(gold) - len(more)))
+            else:
+                chosen = gold + rng.sample(more, max(0, n_docs - len(gold)))
+        else:
+            chosen = (list(range(len(docs))) * (n_docs // len(docs) + 1))[:n_docs]
         rng.shuffle(chosen)
         context = "\n\n".join(f"Document {i + 1}:\n{docs[d]}" for i, d in enumerate(chosen))
         return QA_TEMPLATE.format(context=context, query=qa["query"]), QA_PREFIX, qa["outputs"]
@@ -400,7 +418,8 @@ class Builder:
 
 # --- running ---------------------------------------------------------------------------------
 async def run_trials(ep: Endpoint, tok: ServerTokenizer, trials: list[Trial], endpoint: str, concurrency: int,
-                     desc: str) -> list[dict[str, Any]]:
+                     desc: str, start: list[int] | None = None) -> list[dict[str, Any]]:
+    """start: the server's start tokens (BOS), which token-id prompts carry as a text prompt would get them."""
     from tqdm.auto import tqdm
 
     sem = asyncio.Semaphore(concurrency)
@@ -415,7 +434,7 @@ async def run_trials(ep: Endpoint, tok: ServerTokenizer, trials: list[Trial], en
                         add_generation_prompt=False, continue_final_message=True)
             url = f"{ep.base_url}/chat/completions"
         else:
-            body["prompt"] = t.prompt_ids
+            body["prompt"] = (start or []) + t.prompt_ids
             url = f"{ep.base_url}/completions"
         async with sem:
             try:
@@ -428,7 +447,7 @@ async def run_trials(ep: Endpoint, tok: ServerTokenizer, trials: list[Trial], en
         answer = choice.get("text") if endpoint != "chat" else (choice.get("message") or {}).get("content")
         bar.update(1)
         return {"task": t.task, "length": t.length, "depth": t.depth, "seed": t.seed, "refs": t.refs,
-                "prompt_tokens": (data.get("usage") or {}).get("prompt_tokens", len(t.prompt_ids)),
+                "prompt_tokens": (data.get("usage") or {}).get("prompt_tokens"),
                 "answer": answer or "", "score": 0.0 if error else score(METRIC[t.task], answer or "", t.refs),
                 "error": error}
 
@@ -553,8 +572,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="completions: token ids; chat: messages, the answer prefix as a continued assistant turn")
     p.add_argument("--concurrency", type=int, default=4, help="requests in flight (default: 4)")
     p.add_argument("--haystack", default=None, help="directory of .txt essays (default: the Paul Graham essays)")
-    p.add_argument("--qa-file", default=None, help="qa_1 / qa_2 data: SQuAD v2 or HotpotQA json, RULER's format")
-    p.add_argument("--qa-format", choices=("squad", "hotpotqa"), default="squad")
+    p.add_argument("--squad-file", default=None, help="qa_1's data: SQuAD v2 json (RULER's json/squad.json)")
+    p.add_argument("--hotpotqa-file", default=None, help="qa_2's data: HotpotQA json (RULER's json/hotpotqa.json)")
     p.add_argument("--compare", default=None, help="second server, same trials, side by side")
     p.add_argument("--model2", default=None)
     p.add_argument("--api-key2", default=None)
@@ -576,15 +595,16 @@ def build_trials(builder: Builder, tasks: list[str], lengths: list[int], depths:
     return [builder.build(*s) for s in tqdm(specs, desc="building prompts", unit="trial", file=sys.stderr)]
 
 
-def export_jsonl(trials: list[Trial], tok: ServerTokenizer, path: Path) -> int:
+def export_jsonl(trials: list[Trial], tok: ServerTokenizer, path: Path, added: int = 0) -> int:
     """RULER's manifest rows (scripts/data/synthetic/*.py: input without the answer prefix, outputs, length,
-    answer_prefix) plus what lm-eval's ruler tasks read (gen_prefix, joined to input by one space; max_length)."""
+    answer_prefix) plus what lm-eval's ruler tasks read (gen_prefix, joined to input by one space; max_length).
+    Text prompts: the server adds its ``added`` start / template tokens itself."""
     with path.open("w") as f:
         for i, t in enumerate(trials):
             text = tok.decode(t.prompt_ids)
             cut = len(text) - len(t.answer_prefix)
             f.write(json.dumps({"index": i, "task": t.task, "input": text[:cut], "outputs": t.refs,
-                                "length": len(t.prompt_ids) + t.budget, "max_length": t.length,
+                                "length": added + len(t.prompt_ids) + t.budget, "max_length": t.length,
                                 "answer_prefix": text[cut:], "gen_prefix": text[cut:].lstrip(" "),
                                 "tokens_to_generate": t.budget, "metric": METRIC[t.task], "depth": t.depth,
                                 "seed": t.seed}) + "\n")
@@ -610,11 +630,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.endpoint == "completions":
             for ep in targets[1:]:  # prompts go out as server 1's token ids
                 probe = corpus_text(args.haystack)[:2000]
-                if ServerTokenizer(ep).encode(probe) != tok.encode(probe):
+                other = ServerTokenizer(ep)
+                if other.encode(probe) != tok.encode(probe) or other.start_tokens() != tok.start_tokens():
                     raise EndpointError(f"{ep.base_url} tokenises differently from {targets[0].base_url}: "
                                         "--compare with --endpoint completions needs one tokenizer (use --endpoint chat)")
-        reserve = tok.chat_overhead() if args.endpoint == "chat" else 0
-        builder = Builder(tok, corpus_text(args.haystack), args.qa_file, args.qa_format, reserve)
+        # What the server adds around our tokens is taken from the haystack, so prompt + budget is L:
+        # the chat template (RULER's model_template_token), or the start tokens of a completion (BOS).
+        start = tok.start_tokens() if args.endpoint == "completions" else []
+        reserve = tok.chat_overhead() if args.endpoint == "chat" else len(start)
+        builder = Builder(tok, corpus_text(args.haystack), {"qa_1": args.squad_file, "qa_2": args.hotpotqa_file},
+                          reserve)
         trials = build_trials(builder, tasks, lengths, depths, args.trials, args.seed)
     except (EndpointError, ValueError, FileNotFoundError) as e:
         print(f"loadtest.ruler: error: {e}", file=sys.stderr)
@@ -622,20 +647,25 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if args.export:
-        n = export_jsonl(trials, tok, Path(args.export))
+        n = export_jsonl(trials, tok, Path(args.export), added=reserve)
         print(f"wrote {n} prompts to {args.export}", file=sys.stderr)
         if args.export_only:
             return 0
     named, servers = [], {}
     for i, ep in enumerate(targets, 1):
         rows = asyncio.run(run_trials(ep, ServerTokenizer(ep), trials, args.endpoint, args.concurrency,
-                                      f"server {i} {ep.model}"))
+                                      f"server {i} {ep.model}", start))
+        failed = [r for r in rows if r["error"]]
+        if failed:  # scored 0 like a wrong answer, as RULER would; said, so nobody reads them as the model's
+            print(f"server {i}: {len(failed)} of {len(rows)} requests failed and score 0 "
+                  f"(first: {failed[0]['error']})", file=sys.stderr)
         acc = accuracy(rows)
         sub = out_dir / f"server{i}" if len(targets) > 1 else out_dir
         sub.mkdir(parents=True, exist_ok=True)
         plot_heatmaps(acc, sub, ep.model)
         named.append((f"{ep.model}@{ep.base_url}", by_length(rows)))
         servers[f"server{i}"] = {"base_url": ep.base_url, "card": ep.card, "by_length": named[-1][1],
+                                 "failed_requests": len(failed),
                                  "accuracy": {t: {str(L): {str(d): a for d, a in ds.items()} for L, ds in ls.items()}
                                               for t, ls in acc.items()},
                                  "trials": rows}

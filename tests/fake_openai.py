@@ -1,8 +1,10 @@
 """A fake OpenAI-compatible server for the loadtest tests: byte-level tokenizer, scripted answers.
 
-Tokens are UTF-8 bytes (id = byte value), so token counts and positions are checkable by hand.
+Tokens are UTF-8 bytes (id = byte value), so token counts and positions are checkable by hand;
+like Llama-2's, the tokenizer puts a BOS (id 1) before a text prompt, and so does the chat template.
 The "model" reads the prompt and answers each asked NIAH key's value, but only when that
-needle starts in the first half of the prompt: a model with a known depth profile.
+needle starts in the first half of the prompt (a model with a known depth profile), and only
+when the prompt starts with BOS (as Llama-2 goes astray without it).
 """
 
 from __future__ import annotations
@@ -13,9 +15,12 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 MAX_LEN = 8192
+BOS = "\x01"
 
 
 def answer(prompt: str) -> str:
+    if not prompt.startswith(BOS):
+        return " I do not know."
     m = re.search(r"magic \w+ for (.+?) mentioned in the provided text\?", prompt)
     if not m:
         return ""
@@ -29,8 +34,8 @@ def answer(prompt: str) -> str:
 
 
 def chat(messages: list[dict]) -> str:
-    """The fake chat template: a tag before each turn (3 bytes a turn)."""
-    return "".join(f"[{m['role'][0].upper()}]{m['content']}" for m in messages)
+    """The fake chat template: BOS, then a tag before each turn (3 bytes a turn)."""
+    return BOS + "".join(f"[{m['role'][0].upper()}]{m['content']}" for m in messages)
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -55,13 +60,17 @@ class Handler(BaseHTTPRequestHandler):
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         if self.path == "/tokenize":
-            ids = list(chat(body["messages"]).encode() if "messages" in body else body["prompt"].encode())
+            if "messages" in body:
+                ids = list(chat(body["messages"]).encode())
+            else:  # vLLM's default adds the special tokens
+                ids = list(((BOS if body.get("add_special_tokens", True) else "") + body["prompt"]).encode())
             self._send({"count": len(ids), "max_model_len": MAX_LEN, "tokens": ids, "token_strs": None})
         elif self.path == "/detokenize":
             self._send({"prompt": bytes(body["tokens"]).decode(errors="replace")})
         elif self.path == "/v1/completions":
             prompt = body["prompt"]
-            text = bytes(prompt).decode(errors="replace") if isinstance(prompt, list) else prompt
+            # token ids go to the model as they are; text gets BOS first
+            text = bytes(prompt).decode(errors="replace") if isinstance(prompt, list) else BOS + prompt
             n = len(prompt) if isinstance(prompt, list) else len(text.encode())
             out = answer(text)
             self._send({"choices": [{"index": 0, "text": out, "finish_reason": "stop"}],

@@ -171,3 +171,30 @@ def test_bench_agrees_with_vllm_bench_serve_on_one_server(tiny_server):
     print(json.dumps(report, indent=1))
     for a, b in pairs.values():
         assert a == pytest.approx(b, rel=0.10), report
+
+
+@pytest.mark.parametrize("newline", ["\n", "\r\n"])
+def test_sse_events_split_on_lf_or_crlf_across_reads(newline):
+    """Servers on sse-starlette end SSE lines with CRLF; a CR and its LF may arrive in different reads."""
+    import asyncio
+
+    import httpx
+
+    from loadtest.endpoint import Endpoint, stream_request
+
+    events = [{"choices": [{"index": 0, "text": t}]} for t in ("a", "b", "c")]
+    events.append({"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 3}})
+    raw = "".join(f"data: {json.dumps(e)}{newline}{newline}" for e in events) + f"data: [DONE]{newline}{newline}"
+    cut = raw.index("\r") + 1 if "\r" in raw else 7  # a read boundary between CR and LF
+
+    async def body():
+        for part in (raw[:cut], raw[cut:]):
+            yield part.encode()
+
+    async def go():
+        transport = httpx.MockTransport(lambda request: httpx.Response(200, content=body()))
+        async with httpx.AsyncClient(transport=transport) as client:
+            return await stream_request(client, Endpoint("http://x/v1", "m", None, None), "completions", [1, 2], 3)
+
+    r = asyncio.run(go())
+    assert r.ok and r.text == "abc" and len(r.itl) == 2 and (r.prompt_tokens, r.output_tokens) == (5, 3), r

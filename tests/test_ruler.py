@@ -162,26 +162,50 @@ def test_depth_axis_on_a_model_that_reads_only_the_first_half(fake, tmp_path, en
             assert res["server1"]["accuracy"][task][L] == {"0.0": 1.0, "1.0": 0.0}
         assert (out / f"heatmap_{task}.png").stat().st_size > 1000
     assert (out / "accuracy_by_length.png").stat().st_size > 1000
-    # what the server counted, chat template included, plus the answer budget is exactly L
+    # what the server counted, chat template or BOS included, plus the answer budget is exactly L
+    # (and the fake model answers nothing at all without its BOS)
     assert all(t["prompt_tokens"] + 128 == t["length"] for t in res["server1"]["trials"])
     assert res["command"].startswith("python -m loadtest.ruler --base-url")
     assert res["server1"]["card"]["id"] == "fake" and res["versions"]["httpx"]
 
 
-def test_qa_from_a_local_file_in_ruler_format(fake, tmp_path):
+def test_qa_from_local_files_in_ruler_format(fake, tmp_path):
+    """qa_1 reads SQuAD (the same article's paragraphs are the first distractors, as RULER picks
+    them), qa_2 reads HotpotQA; each task refuses to run without its own file."""
     squad = {"data": [{"paragraphs": [
-        {"context": f"Document about topic {i}. " * 5, "qas": [
-            {"question": f"What is topic {i}?", "answers": [{"text": f"topic {i}"}], "is_impossible": False}]}
-        for i in range(40)]}]}
+        {"context": f"Article {a} paragraph {i}. " * 5, "qas": [
+            {"question": f"What is in article {a} paragraph {i}?", "answers": [{"text": f"A{a}P{i}"}],
+             "is_impossible": False}]} for i in range(4)]} for a in range(30)]}
+    hotpot = [{"question": f"Who links {i} and {i + 1}?", "answer": f"H{i}",
+               "context": [[f"Title {i}", [f"Fact {i}. "] * 4], [f"Title {i + 1}", [f"Fact {i + 1}. "] * 4]]}
+              for i in range(40)]
     (tmp_path / "squad.json").write_text(json.dumps(squad))
-    b = ruler.Builder(ServerTokenizer(connect(fake, None)), "x. y.", str(tmp_path / "squad.json"), "squad")
-    t = b.build("qa_1", 1024, None, seed=0)
-    text = b.tok.decode(t.prompt_ids)
-    q = re.search(r"Question: What is topic (\d+)\?", text).group(1)
-    assert t.refs == [f"topic {q}"] and f"Document about topic {q}." in text
-    assert len(text.encode()) <= 1024 - 32 and text.endswith(" Answer:")
-    with pytest.raises(ValueError, match="--qa-file"):
-        ruler.Builder(b.tok, "x. y.").build("qa_2", 1024, None, 0)
+    (tmp_path / "hotpot.json").write_text(json.dumps(hotpot))
+    tok = ServerTokenizer(connect(fake, None))
+    b = ruler.Builder(tok, "x. y.", {"qa_1": str(tmp_path / "squad.json"), "qa_2": str(tmp_path / "hotpot.json")})
+    for seed in range(3):
+        t = b.build("qa_1", 1024, None, seed=seed)
+        text = b.tok.decode(t.prompt_ids)
+        a, i = re.search(r"Question: What is in article (\d+) paragraph (\d+)\?", text).groups()
+        assert t.refs == [f"A{a}P{i}"] and len(text.encode()) <= 1024 - 32 and text.endswith(" Answer:")
+        articles = re.findall(r"Document \d+:\nArticle (\d+) paragraph", text)
+        assert len(articles) > 4 and articles.count(a) == 4  # the gold one and all 3 of its article's others
+        t = b.build("qa_2", 1024, None, seed=seed)
+        text = b.tok.decode(t.prompt_ids)
+        k = int(re.search(r"Question: Who links (\d+) and", text).group(1))
+        assert t.refs == [f"H{k}"] and f"Title {k}\nFact {k}." in text and f"Title {k + 1}\nFact {k + 1}." in text
+    with pytest.raises(ValueError, match="--hotpotqa-file"):
+        ruler.Builder(b.tok, "x. y.", {"qa_1": str(tmp_path / "squad.json")}).build("qa_2", 1024, None, 0)
+
+
+def test_needle_haystacks_never_repeat_a_real_needles_key(builder):
+    """multikey_2's haystack is made of needles: none may carry a key the question asks about
+    (a second value for it would make a correct answer score 0)."""
+    for seed in range(20):
+        t = builder.build("niah_multikey_2", 8000, 0.5, seed=seed)
+        text = builder.tok.decode(t.prompt_ids)
+        key = re.search(r"magic numbers? for (.+?) mentioned", text).group(1)
+        assert len(re.findall(rf"for {re.escape(key)} is:", text)) == 1, (seed, key)
 
 
 def test_loadtest_imports_without_torch():
