@@ -140,7 +140,7 @@ def test_bench_agrees_with_vllm_bench_serve_on_one_server(tiny_server):
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
     base, ckpt = tiny_server
-    n, conc, inp, out = 96, 2, 512, 32
+    n, conc, inp, out = 192, 2, 512, 32  # TTFT means of 96 differed by up to 14% between tools
     parser = FlexibleArgumentParser()
     add_cli_args(parser)
     argv = ["--backend", "openai", "--base-url", base, "--model", "tiny", "--tokenizer", str(ckpt),

@@ -80,9 +80,7 @@ def assert_same(got: list[dict], want: list[dict], what: str) -> None:
 
 CASES = [
     pytest.param("llama", "qk_norm_nope", [(2, 1), (4, 1)], id="llama-qknorm-tp2-tp4"),
-    pytest.param("llama", "nope", [(2, 1)], id="llama-nope-tp2"),
     pytest.param("qwen2", "nope", [(2, 1)], id="qwen2-nope-tp2"),
-    pytest.param("qwen2", "qk_norm_nope", [(2, 1)], id="qwen2-qknorm-tp2"),
 ]
 
 
