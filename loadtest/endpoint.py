@@ -163,7 +163,12 @@ async def stream_request(client: httpx.AsyncClient, ep: Endpoint, endpoint: str,
             # at concurrency 4 on 2 cores, which the client then reports as the server's ITL.
             buf = b""
             done = False
+            # Read to the end of the body even after [DONE], as vLLM's client does: httpx closes a
+            # connection whose response was left unread, so breaking early would open a new TCP
+            # connection for every request and put its set-up into the next request's TTFT.
             async for piece in r.aiter_raw():
+                if done:
+                    continue
                 # SSE lines may end in CRLF (sse-starlette's default); a CR split from its LF across
                 # two reads is rejoined before normalising.
                 buf = (buf + piece).replace(b"\r\n", b"\n")
@@ -189,8 +194,6 @@ async def stream_request(client: httpx.AsyncClient, ep: Endpoint, endpoint: str,
                     elif usage := chunk.get("usage"):
                         res.output_tokens = usage.get("completion_tokens") or 0
                         res.prompt_tokens = usage.get("prompt_tokens") or 0
-                if done:
-                    break
         if res.ttft is None:
             res.error = "no chunk with choices"
             return res
