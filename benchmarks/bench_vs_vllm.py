@@ -2,7 +2,8 @@
 
 Each run drives the server with both tools together in one event loop (as
 tests/test_loadtest.py does once): vLLM's random prompts (different seeds, so neither
-hits the other's prefix cache), fixed lengths, EOS ignored, greedy, --concurrency each.
+hits the other's prefix cache), lengths fixed or varied (--range-ratio), EOS ignored,
+greedy, --concurrency each.
 Printed per run: our mean / vLLM's mean for TTFT, TPOT, ITL, E2EL and request
 throughput, and each client's own time from starting a request to having it on the
 wire (httpx / aiohttp request tracing), which is inside TTFT for both tools.
@@ -15,8 +16,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import io
 import math
+import random
 import statistics
 import sys
 import tempfile
@@ -25,6 +28,7 @@ from pathlib import Path
 
 import aiohttp
 import httpx
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from serving import ROOT, start, stop  # noqa: E402
@@ -72,9 +76,11 @@ async def run_both(base: str, tokenizer_dir: Path, num_prompts: int, concurrency
                    seeds: tuple[int, int] = (1, 2)) -> tuple[dict, dict]:
     """-> (ours, vLLM's) results: both tools at once in this event loop, each with its own random prompts (vLLM's
     sampler, one seed each, so neither hits the other's prefix cache). vLLM's side is `benchmark()`, what
-    `vllm bench serve` runs once its set-up is done; that set-up (tokenizer, sampling and tokenising the
-    prompts) is done here first, as ours is: done while the other tool's requests are timed, it blocks the
-    shared loop and lands in their TTFT (ours read 4-17% above vLLM's that way)."""
+    `vllm bench serve` runs once its set-up is done, with the arguments its `main_async` passes for
+    `--backend openai --ignore-eos --temperature 0 --num-warmups 2`. That set-up is done here first, for
+    both tools: under `main_async`, its prompt alignment (a /tokenize call per prompt) and full garbage
+    collections ran in the shared loop while our first requests were timed. The alignment is skipped: the
+    server tokenises with the same tokenizer, so it changes nothing."""
     from vllm.benchmarks.datasets import get_samples
     from vllm.benchmarks.serve import TaskType, add_cli_args, benchmark
     from vllm.tokenizers import get_tokenizer
@@ -96,18 +102,23 @@ async def run_both(base: str, tokenizer_dir: Path, num_prompts: int, concurrency
     ep = await asyncio.to_thread(connect, base, None)
     spec = bench.Spec(input_len=input_len, output_len=output_len, num_requests=num_prompts,
                       max_concurrency=concurrency, warmup=2, temperature=0.0, request_rate=request_rate)
+    vllm_run = benchmark(
+        task_type=TaskType.GENERATION, endpoint_type="openai", api_url=f"{base}/v1/completions", base_url=base,
+        model_id=ep.model, model_name=ep.model, tokenizer=tokenizer, input_requests=prompts[0], logprobs=None,
+        request_rate=request_rate, burstiness=1.0, disable_tqdm=True, num_warmups=2, profile=False,
+        selected_percentile_metrics=["ttft", "tpot", "itl", "e2el"], selected_percentiles=[99.0], ignore_eos=True,
+        goodput_config_dict={}, max_concurrency=concurrency, lora_modules=None, extra_headers=None,
+        extra_body={"temperature": 0.0}, ready_check_timeout_sec=0)
+    ours_run = bench.run_load(ep, spec, [(r.prompt, r.prompt_len, r.expected_output_len) for r in prompts[1]],
+                              progress=False)
+    random.seed(seeds[0])  # as main_async seeds vLLM's arrival times
+    np.random.seed(seeds[0])
     freeze_gc_heap()  # as `vllm bench serve` does before its run
-    with contextlib.redirect_stdout(io.StringIO()):  # vLLM's own report
-        theirs, ours = await asyncio.gather(
-            benchmark(task_type=TaskType.GENERATION, endpoint_type="openai", api_url=f"{base}/v1/completions",
-                      base_url=base, model_id=ep.model, model_name=ep.model, tokenizer=tokenizer,
-                      input_requests=prompts[0], logprobs=None, request_rate=request_rate, burstiness=1.0,
-                      disable_tqdm=True, num_warmups=2, profile=False,
-                      selected_percentile_metrics=["ttft", "tpot", "itl", "e2el"], selected_percentiles=[99.0],
-                      ignore_eos=True, goodput_config_dict={}, max_concurrency=concurrency, lora_modules=None,
-                      extra_headers=None, extra_body={"temperature": 0.0}),
-            bench.run_load(ep, spec, [(r.prompt, r.prompt_len, r.expected_output_len) for r in prompts[1]],
-                           progress=False))
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # vLLM's own report
+            theirs, ours = await asyncio.gather(vllm_run, ours_run)
+    finally:
+        gc.unfreeze()  # leave the calling process (a test session) as it was
     return ours, theirs
 
 

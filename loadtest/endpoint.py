@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -135,6 +137,14 @@ class StreamResult:
     text: str = ""
 
 
+DRAIN_S = 2.0
+
+
+async def _drain(pieces) -> None:
+    async for _ in pieces:
+        pass
+
+
 async def stream_request(client: httpx.AsyncClient, ep: Endpoint, endpoint: str, prompt: Any,
                          max_tokens: int, extra: dict[str, Any] | None = None, ignore_eos: bool = False) -> StreamResult:
     """One streamed request, timed as `vllm bench serve` times it (vllm/benchmarks/lib/endpoint_request_func.py):
@@ -163,12 +173,8 @@ async def stream_request(client: httpx.AsyncClient, ep: Endpoint, endpoint: str,
             # at concurrency 4 on 2 cores, which the client then reports as the server's ITL.
             buf = b""
             done = False
-            # Read to the end of the body even after [DONE], as vLLM's client does: httpx closes a
-            # connection whose response was left unread, so breaking early would open a new TCP
-            # connection for every request and put its set-up into the next request's TTFT.
-            async for piece in r.aiter_raw():
-                if done:
-                    continue
+            pieces = r.aiter_raw()
+            async for piece in pieces:
                 # SSE lines may end in CRLF (sse-starlette's default); a CR split from its LF across
                 # two reads is rejoined before normalising.
                 buf = (buf + piece).replace(b"\r\n", b"\n")
@@ -194,6 +200,14 @@ async def stream_request(client: httpx.AsyncClient, ep: Endpoint, endpoint: str,
                     elif usage := chunk.get("usage"):
                         res.output_tokens = usage.get("completion_tokens") or 0
                         res.prompt_tokens = usage.get("prompt_tokens") or 0
+                if done:
+                    break
+            if done:
+                # Read the body to its end, as vLLM's client does: httpx closes a connection whose
+                # response was left unread, and the next request would pay a new TCP connection inside
+                # its TTFT. Bounded, and errors ignored: the answer is complete at [DONE].
+                with contextlib.suppress(httpx.HTTPError, asyncio.TimeoutError):
+                    await asyncio.wait_for(_drain(pieces), DRAIN_S)
         if res.ttft is None:
             res.error = "no chunk with choices"
             return res

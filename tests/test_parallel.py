@@ -14,7 +14,7 @@ fails for vLLM's own Llama too, plugins off (the last stage's worker asserts in
 sync_and_gather_intermediate_tensors: it never received intermediate tensors).
 The DroPE classes inherit vLLM's Llama pipeline support unchanged.
 
-    python -m pytest tests/test_parallel.py          # slow: about 4 minutes on 2 cores
+    python -m pytest tests/test_parallel.py          # slow: about 3 minutes on 2 cores
 """
 
 from __future__ import annotations
