@@ -64,6 +64,9 @@ class RecalibConfig:
     """Pretrained RoPE checkpoint: local directory or hub id (or an already-converted DroPE checkpoint)."""
     output_dir: str = ""
     attention_type: str = "nope"
+    keep_rope: bool = False
+    """Train the base as it is, RoPE kept (pretraining or continued training of a RoPE parent, e.g. the
+    micro experiment's parents); final/ is then a plain checkpoint of the base's family, not DroPE."""
     seq_len: int | None = None
     """Training sequence length; None: the base model's training context (max_position_embeddings)."""
     max_steps: int | None = None
@@ -92,6 +95,9 @@ class RecalibConfig:
             raise RecalibConfigError("output_dir is required")
         if self.attention_type not in ATTENTION_TYPES:
             raise RecalibConfigError(f"unknown attention type {self.attention_type!r}; expected one of {', '.join(ATTENTION_TYPES)}")
+        if self.keep_rope and self.attention_type != "nope":
+            raise RecalibConfigError(f"keep_rope trains the base as it is; attention_type {self.attention_type!r} "
+                                     "applies to a DroPE conversion")
         if (self.max_steps is None) == (self.token_budget is None):
             raise RecalibConfigError("give exactly one of max_steps or token_budget")
         for name in ("micro_batch", "grad_accum", "save_every", "eval_batches", "log_every"):

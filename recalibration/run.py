@@ -129,7 +129,7 @@ def train(cfg: RecalibConfig, resume: bool = False, overwrite: bool = False) -> 
     dist = PartialState(cpu=not on_gpu)
     out = prepare_output(cfg, resume, overwrite, write=False)
     dist.wait_for_everyone()
-    init = base if is_drope_config(base_cfg) else out / "init"
+    init = base if is_drope_config(base_cfg) or cfg.keep_rope else out / "init"
     if dist.is_main_process:
         prepare_output(cfg, resume, overwrite)
         cfg.save(out / CONFIG_NAME)
@@ -230,12 +230,13 @@ def format_summary(cfg: RecalibConfig, s: dict[str, Any]) -> str:
     start = f"{s['heldout_loss_start']:.4f} -> " if s.get("heldout_loss_start") is not None else ""
     return "\n".join([
         "", "=" * 18 + " recalibration summary " + "=" * 18,
-        f"base            : {cfg.base} ({cfg.attention_type}, L = {s['seq_len']})",
+        f"base            : {cfg.base} ({'RoPE kept' if cfg.keep_rope else cfg.attention_type}, L = {s['seq_len']})",
         f"steps / tokens  : {s['steps']} / {s['tokens_trained']:,}",
         f"held-out loss   : {start}{s['heldout_loss_end']:.4f} (ppl {s['heldout_ppl_end']:.2f})",
         f"speed           : {s['tokens_per_s'] or float('nan'):.0f} training tokens/s",
         f"checkpoint      : {s['final_checkpoint']}",
-        f"next            : python -m recalibration.fit_beta {s['final_checkpoint']} --data {cfg.data.source}",
+        *([] if cfg.keep_rope else
+          [f"next            : python -m recalibration.fit_beta {s['final_checkpoint']} --data {cfg.data.source}"]),
         "=" * 59,
     ])
 
@@ -249,6 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default=None, help="where checkpoints, logs and final/ go")
     p.add_argument("--data", default=None, help="text/.jsonl/.parquet path, directory, builtin:essays or a datasets name")
     p.add_argument("--attention-type", default=None, help="nope, qk_norm_nope, q_norm_nope or k_norm_nope")
+    p.add_argument("--keep-rope", action="store_true", default=None,
+                   help="train the base as it is, RoPE kept (pretrain a RoPE parent); final/ is not DroPE")
     p.add_argument("--seq-len", type=int, default=None, help="training length in tokens (default: the base's context)")
     p.add_argument("--max-steps", type=int, default=None, help="optimizer steps")
     p.add_argument("--token-budget", type=int, default=None, help="training tokens instead of --max-steps")
@@ -273,7 +276,7 @@ def config_from_args(args: argparse.Namespace) -> RecalibConfig:
         cfg = preset(args.preset, **kw)
     over: dict[str, Any] = {
         "base": args.base, "output_dir": args.output_dir, "data.source": args.data,
-        "attention_type": args.attention_type, "seq_len": args.seq_len, "max_steps": args.max_steps,
+        "attention_type": args.attention_type, "keep_rope": args.keep_rope, "seq_len": args.seq_len, "max_steps": args.max_steps,
         "token_budget": args.token_budget, "micro_batch": args.micro_batch, "grad_accum": args.grad_accum,
         "optim.lr": args.lr, "precision": args.precision, "seed": args.seed, "save_every": args.save_every,
     }

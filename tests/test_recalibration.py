@@ -221,3 +221,21 @@ def test_fsdp_yaml_wraps_the_models_decoder_layers_and_saves_full_weights(tiny_c
     policy = fsdp2_prepare_auto_wrap_policy(plugin, model)
     assert sum(policy(m) for m in model.modules()) == model.config.num_hidden_layers
     assert plugin.state_dict_type.name == "FULL_STATE_DICT"
+
+
+def test_keep_rope_trains_the_base_as_it_is(tmp_path):
+    """--keep-rope (pretraining a RoPE parent) trains the plain model: final/ is the base's family, with
+    the base's weight names and changed weights; a DroPE attention type alongside it is refused."""
+    from recalibration.run import resolve_base
+
+    out = tmp_path / "run"
+    assert run_main([*FAST, "--output-dir", str(out), "--max-steps", "2", "--keep-rope"]) == 0
+    cfg = json.loads((out / "final" / "config.json").read_text())
+    assert cfg["model_type"] == "llama" and cfg["architectures"] == ["LlamaForCausalLM"]
+    assert not (out / "init").exists()
+    base = load_file(resolve_base("tiny") / "model.safetensors")
+    trained = load_file(out / "final" / "model.safetensors")
+    assert trained.keys() == base.keys()
+    assert any(not torch.equal(trained[k], base[k]) for k in base)
+    with pytest.raises(RecalibConfigError, match="keep_rope"):
+        preset("tiny", output_dir="x").with_overrides({"keep_rope": True, "attention_type": "qk_norm_nope"})
