@@ -4,7 +4,8 @@ One run: held-out perplexity (512-token windows of the held-out essays) of the
 packaged RoPE model; of the same weights with RoPE removed (converted, untrained);
 then `recalibration.run --preset smollm2-135m` for --steps steps with held-out
 loss every --eval-every steps; then fit_beta at 2x and 4x; greedy samples from
-the RoPE model, the untrained conversion and the recalibrated one. Reports the
+the RoPE model, the untrained conversion and the recalibrated one. Perplexity,
+samples and fit_beta all run on vLLM's engine in float32 (recalibration.perplexity). Reports the
 first step (and tokens) within 10% of the RoPE perplexity, if any.
 
     .venv/bin/python benchmarks/recalibrate_smollm2.py [--steps 200] [--eval-every 25] [--out runs/bench-smollm2]
@@ -27,14 +28,17 @@ sys.path.insert(0, str(ROOT))
 PROMPT = "The most important thing I learned from starting a company is"
 
 
-def greedy(model, tok, n=32) -> str:
-    import torch
+def measure(ckpt, held: list[int], n_windows: int, length: int = 512) -> tuple[float, str]:
+    """(held-out perplexity at ``length``, greedy continuation of PROMPT), on vLLM in float32, as served."""
+    from vllm import SamplingParams
 
-    ids = torch.tensor([tok.encode(PROMPT)])
-    with torch.no_grad():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
-                             pad_token_id=tok.eos_token_id)
-    return tok.decode(out[0, ids.shape[1]:])
+    from recalibration.engine import engine, engine_namespace
+    from recalibration.perplexity import engine_nll, perplexity, windows
+
+    with engine(engine_namespace(["--dtype", "float32"]), str(ckpt), {}, length + 1) as llm:
+        ppl = perplexity(engine_nll(llm), windows(held, length, n_windows))
+        (out,) = llm.generate([PROMPT], SamplingParams(max_tokens=32, temperature=0.0), use_tqdm=False)
+    return ppl, out.outputs[0].text
 
 
 def main(argv=None) -> int:
@@ -49,11 +53,10 @@ def main(argv=None) -> int:
 
     from model_patches.assets import smollm2_hf_dir
     from model_patches.convert import convert
-    from model_patches.reference import load_reference
     from recalibration import fit_beta
     from recalibration.config import DataConfig
     from recalibration.data import heldout_tokens
-    from recalibration.perplexity import perplexity
+    from recalibration.engine import engine_namespace
     from recalibration.run import main as run_main
 
     base = smollm2_hf_dir()
@@ -62,16 +65,10 @@ def main(argv=None) -> int:
     out = Path(args.out)
     windows = 8
 
-    rope = load_reference(base)
-    ppl_rope = perplexity(rope, held, 512, windows)
-    sample_rope = greedy(rope, tok)
-    del rope
+    ppl_rope, sample_rope = measure(base, held, windows)
     dropped_dir = out.parent / (out.name + "-dropped")
     convert(base, dropped_dir, attention_type="nope", train_context=512, overwrite=True)
-    dropped = load_reference(dropped_dir)
-    ppl_dropped = perplexity(dropped, held, 512, windows)
-    sample_dropped = greedy(dropped, tok)
-    del dropped
+    ppl_dropped, sample_dropped = measure(dropped_dir, held, windows)
 
     t0 = time.perf_counter()
     rc = run_main(["--preset", "smollm2-135m", "--output-dir", str(out), "--overwrite", "--max-steps", str(args.steps),
@@ -85,17 +82,16 @@ def main(argv=None) -> int:
                        .joinpath("trainer_state.json").read_text())
     curve = [(h["step"], math.exp(h["eval_loss"])) for h in state["log_history"] if "eval_loss" in h]
     final = out / "final"
-    model = load_reference(final)
-    ppl_final = perplexity(model, held, 512, windows)
-    sample_final = greedy(model, tok)
-    del model
-    fit = fit_beta.fit(final, "builtin:essays", "2x,4x", [0.0, 0.1, 0.2, 0.3, 0.4, 0.6], windows=2, log=lambda *_: None)
-    fit_beta.write_coef(final, fit["best_coef"])
+    ppl_final, sample_final = measure(final, held, windows)
+    fit = fit_beta.fit(str(final), "builtin:essays", engine_namespace(["--dtype", "float32"]), "2x,4x",
+                       [0.0, 0.1, 0.2, 0.3, 0.4, 0.6], windows=2, fresh=True, log=lambda *_: None)
+    fit_beta.write_coef(final, fit["best_coef"], fit["mode"])
     within = next(((s, s * summary["tokens_trained"] // summary["steps"]) for s, p in curve if p <= 1.1 * ppl_rope), None)
 
     print("\n=== SmolLM2-135M recalibration on CPU (RoPE removed, nope, L = 512) ===")
     print(f"command : python benchmarks/recalibrate_smollm2.py {' '.join(argv if argv is not None else sys.argv[1:])}")
-    print(f"machine : {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, fp32; held-out: first 2 "
+    print(f"machine : {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, fp32 (perplexity on vLLM); "
+          f"held-out: first 2 "
           f"Paul Graham essays, {windows} windows of 512 tokens ({len(held)} held-out tokens)")
     print(f"perplexity with RoPE (original)      : {ppl_rope:.2f}")
     print(f"perplexity right after dropping RoPE : {ppl_dropped:.2f}")

@@ -8,8 +8,9 @@ keeps chunked prefill and prefix caching exact. The ``floor`` mode is vLLM's
 Llama-4 NoPE temperature, ``1 + c * ln(floor((p+1)/L) + 1)``, kept so the two
 can be compared on the same checkpoint.
 
-No vLLM import: the vLLM patches, the transformers reference and fit_beta all
-call these functions, and they are tested on their own.
+No vLLM import: the vLLM patches (a per-position table, changed in place by
+fit_beta) and the transformers reference call these functions, and they are
+tested on their own.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 
 
 def beta_of_s(s: float, coef: float) -> float:
-    """Scalar beta at extension factor s (used by fit_beta tables and docs)."""
+    """Scalar beta at extension factor s (the formula as the paper writes it; tests check the tensor forms against it)."""
     return 1.0 + coef * math.log(s) if s > 1.0 else 1.0
 
 

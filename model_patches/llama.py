@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterable
 
 import torch
@@ -36,10 +35,16 @@ class DroPELlamaAttention(LlamaAttention):
         eps = config.rms_norm_eps
         self.q_norm = FullWidthRMSNorm(self.total_num_heads, self.head_dim, eps) if d.q_norm else None
         self.k_norm = FullWidthRMSNorm(self.total_num_kv_heads, self.head_dim, eps) if d.k_norm else None
-        if d.scales_queries:
+        # Fixed when the layer is built, so eager and compiled forwards agree; what beta_table
+        # holds may change later (set_beta), its presence may not.
+        self.scales_queries = d.scales_queries
+        if self.scales_queries:
             vllm_config = get_current_vllm_config_or_none()
             n = max(self.max_position_embeddings, vllm_config.model_config.max_model_len if vllm_config else 0)
-            self.register_buffer("beta_table", _beta_table(n, d), persistent=False)  # [n] float32
+            # One table per layer (4 bytes a position: 4 MiB for 32 layers at 32K), so changing one
+            # engine's c in place cannot reach another engine built in the same process.
+            table = query_scale_table(n, d.train_context, d.beta_coef, d.beta_mode)
+            self.register_buffer("beta_table", table, persistent=False)  # [n] float32
 
     def _init_rotary_emb(self, config, quant_config) -> None:
         # Upstream calls this after setting self.scaling and before building
@@ -57,23 +62,40 @@ class DroPELlamaAttention(LlamaAttention):
             q = self.q_norm(q)
         if self.k_norm is not None:
             k = self.k_norm(k)
-        d = self.drope
-        if d.scales_queries:  # static per model: no branch in the compiled graph
+        if self.scales_queries:  # static per layer: no branch in the compiled graph
             q = apply_query_scale(q, self.beta_table[positions])
         attn_output = self.attn(q, k, v)
         output, _ = self.o_proj(attn_output)
         return output
 
 
-@functools.lru_cache(maxsize=8)
-def _beta_table_cached(n: int, drope: DropeConfig, device: str) -> torch.Tensor:
-    return query_scale_table(n, drope.train_context, drope.beta_coef, drope.beta_mode)
+    def set_beta(self, coef: float, mode: str | None = None) -> DropeConfig:
+        """c (and the mode) changed in place, without rebuilding the layer.
+
+        The new values are copied into ``beta_table``'s storage, which is what the eager
+        forward, a torch.compile graph (the buffer is one of its inputs) and a captured
+        CUDA graph all read; a Python float would stay baked into the compiled code.
+        """
+        new = self.drope.with_overrides(beta_coef=coef, beta_mode=mode)
+        if not self.scales_queries:
+            raise DropeConfigError(
+                f"this engine was built without the query scale ({self.drope.describe()}): beta can only "
+                "change in place on a model loaded with a nonzero drope_beta_coef and a mode other than none"
+            )
+        table = query_scale_table(len(self.beta_table), new.train_context, new.beta_coef, new.beta_mode)
+        self.beta_table.copy_(table)
+        self.drope = new
+        return new
 
 
-def _beta_table(n: int, drope: DropeConfig) -> torch.Tensor:
-    # One table shared by all layers (vLLM builds the model under the target
-    # default device, so the table lands where the layers do).
-    return _beta_table_cached(n, drope, str(torch.get_default_device()))
+def set_beta(model: torch.nn.Module, coef: float, mode: str | None = None) -> DropeConfig:
+    """Change c (and mode) in place on every DroPE attention layer of a loaded vLLM model."""
+    layers = [m for m in model.modules() if isinstance(m, DroPELlamaAttention)]
+    if not layers:
+        raise DropeConfigError(f"{type(model).__name__} has no DroPE attention layers")
+    for layer in layers:
+        new = layer.set_beta(coef, mode)
+    return new
 
 
 class DroPELlamaDecoderLayer(LlamaDecoderLayer):

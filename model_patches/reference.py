@@ -230,3 +230,23 @@ def set_beta(model: nn.Module, coef: float | None = None, mode: str | None = Non
         raise TypeError(f"{type(model).__name__} has no DroPE attention layers")
     model.config.drope_beta_coef, model.config.drope_beta_mode = new.beta_coef, new.beta_mode
     return new
+
+
+def reference_window_nll(model: nn.Module):
+    """windows -> summed next-token NLL of each, one forward from position 0 per window.
+
+    The oracle the engine's perplexity (recalibration.perplexity.engine_nll) is tested
+    against: the whole window's logits at once, in the model's dtype, on its device.
+    """
+
+    @torch.no_grad()
+    def nll(windows: list[list[int]]) -> list[float]:
+        device = next(model.parameters()).device
+        out = []
+        for w in windows:
+            x = torch.tensor([w], device=device)
+            logits = model(x).logits[0, :-1].float()
+            out.append(torch.nn.functional.cross_entropy(logits, x[0, 1:], reduction="sum").item())
+        return out
+
+    return nll

@@ -128,7 +128,7 @@ def prepare(args: argparse.Namespace, on_cpu: bool, environ: MutableMapping[str,
         args.served_model_name = [name]
 
     overrides = _as_dict(args.hf_overrides)
-    file = _hf_config(args.model)
+    file = read_model_config(args.model)
     # L_train comes from the file (drope_train_context, else its max_position_embeddings)
     # unless stated explicitly: an override of max_position_embeddings never moves it.
     hf = {TRAIN_CONTEXT_KEY: file.get("max_position_embeddings"), **file, **overrides}
@@ -154,6 +154,19 @@ def prepare(args: argparse.Namespace, on_cpu: bool, environ: MutableMapping[str,
             f"{hf.get('model_type')} checkpoint (use --hf-overrides for its rope scaling)"
         )
 
+    engine_defaults(args, on_cpu, environ)
+    if not args.api_key and environ.get("DROPE_API_KEY"):
+        args.api_key = [environ["DROPE_API_KEY"]]
+    options_from_args(args)  # refuse bad --max-queue / --max-body before the engine starts
+    return drope
+
+
+def engine_defaults(args: argparse.Namespace, on_cpu: bool, environ: MutableMapping[str, str] = os.environ) -> None:
+    """The platform defaults drope-server gives vLLM's engine, on vLLM's parsed engine arguments, in place.
+
+    The quality tools (recalibration.fit_beta / evaluate) build their engines through this
+    too, so what they measure runs as it is served.
+    """
     if on_cpu:
         if args.distributed_executor_backend == "ray":
             # Measured (scripts/probe_ray.py): a two-node Ray cluster starts, then the engine fails with
@@ -174,11 +187,6 @@ def prepare(args: argparse.Namespace, on_cpu: bool, environ: MutableMapping[str,
             environ.update(cpu_binding(ranks, sorted(os.sched_getaffinity(0))))
     elif args.enforce_eager is None:
         args.enforce_eager = False
-
-    if not args.api_key and environ.get("DROPE_API_KEY"):
-        args.api_key = [environ["DROPE_API_KEY"]]
-    options_from_args(args)  # refuse bad --max-queue / --max-body before the engine starts
-    return drope
 
 
 def cpu_binding(ranks: int, cpus: list[int]) -> dict[str, str]:
@@ -212,7 +220,8 @@ def _as_dict(value: Any) -> dict[str, Any]:
     return dict(value)
 
 
-def _hf_config(path: str) -> dict[str, Any]:
+def read_model_config(path: str) -> dict[str, Any]:
+    """config.json of a local directory or a hub id (downloaded alone, not the weights)."""
     if Path(path).is_dir():
         return read_config_json(path)
     try:
