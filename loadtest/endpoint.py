@@ -1,13 +1,10 @@
-"""What both tools need from an OpenAI-compatible server: reachability, the model card, a tokenizer, streaming calls."""
+"""What both tools need from an OpenAI-compatible server: reachability, the model card, its tokenizer."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import json
-import time
 from dataclasses import dataclass, field
 from datetime import UTC
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -87,6 +84,15 @@ class ServerTokenizer:
             self._cache[key] = self._post("tokenize", {"prompt": text, "add_special_tokens": add_special_tokens})["tokens"]
         return list(self._cache[key])
 
+    def __call__(self, text: str, add_special_tokens: bool = True) -> SimpleNamespace:
+        """What vLLM's calculate_metrics asks of a tokenizer (``tok(text).input_ids``) to count the tokens
+        of a stream whose server sent no usage."""
+        return SimpleNamespace(input_ids=self.encode(text, add_special_tokens))
+
+    def num_special_tokens_to_add(self) -> int:
+        """As a Hugging Face tokenizer's: how many tokens the server adds to a text prompt."""
+        return len(self.encode("x", add_special_tokens=True)) - len(self.encode("x"))
+
     def decode(self, ids: list[int]) -> str:
         return self._post("detokenize", {"tokens": list(ids)})["prompt"]
 
@@ -124,99 +130,3 @@ def run_info(tool: str, argv: list[str] | None) -> dict[str, Any]:
             "versions": {"drope-server": v("drope-server"), "httpx": v("httpx"), "python": platform.python_version()},
             "machine": platform.machine()}
 
-
-@dataclass
-class StreamResult:
-    ok: bool = False
-    error: str | None = None
-    ttft: float | None = None
-    latency: float = 0.0
-    itl: list[float] = field(default_factory=list)
-    output_tokens: int = 0
-    prompt_tokens: int = 0
-    text: str = ""
-
-
-DRAIN_S = 2.0
-
-
-async def _drain(pieces) -> None:
-    async for _ in pieces:
-        pass
-
-
-async def stream_request(client: httpx.AsyncClient, ep: Endpoint, endpoint: str, prompt: Any,
-                         max_tokens: int, extra: dict[str, Any] | None = None, ignore_eos: bool = False) -> StreamResult:
-    """One streamed request, timed as `vllm bench serve` times it (vllm/benchmarks/lib/endpoint_request_func.py):
-    TTFT at the first chunk with choices (its text may be empty), ITL between later such chunks, latency
-    until the last of them (not the usage chunk or [DONE]); no chunk with choices is a failure."""
-    body: dict[str, Any] = {"model": ep.model, "max_tokens": max_tokens, "stream": True,
-                            "stream_options": {"include_usage": True}}
-    if ignore_eos:
-        body["ignore_eos"] = True
-    if endpoint == "chat":
-        body["messages"] = [{"role": "user", "content": prompt}]
-        url = f"{ep.base_url}/chat/completions"
-    else:
-        body["prompt"] = prompt
-        url = f"{ep.base_url}/completions"
-    body.update(extra or {})
-    res = StreamResult()
-    start = last = time.perf_counter()
-    try:
-        async with client.stream("POST", url, json=body, headers=ep.headers) as r:
-            if r.status_code != 200:
-                await r.aread()
-                res.error = f"HTTP {r.status_code}"
-                return res
-            # Raw bytes split into SSE events: httpx's line iterator costs about a millisecond per token
-            # at concurrency 4 on 2 cores, which the client then reports as the server's ITL.
-            buf = b""
-            done = False
-            pieces = r.aiter_raw()
-            async for piece in pieces:
-                # SSE lines may end in CRLF (sse-starlette's default); a CR split from its LF across
-                # two reads is rejoined before normalising.
-                buf = (buf + piece).replace(b"\r\n", b"\n")
-                *events, buf = buf.split(b"\n\n")
-                for event in events:
-                    event = event.strip()
-                    if not event.startswith(b"data:"):
-                        continue  # SSE comments (pings)
-                    data = event[5:].strip()
-                    if data == b"[DONE]":
-                        done = True
-                        break
-                    chunk = json.loads(data)
-                    if choices := chunk.get("choices"):
-                        now = time.perf_counter()
-                        if res.ttft is None:
-                            res.ttft = now - start
-                        else:
-                            res.itl.append(now - last)
-                        last = now
-                        c = choices[0]
-                        res.text += (c.get("text") if endpoint != "chat" else (c.get("delta") or {}).get("content")) or ""
-                    elif usage := chunk.get("usage"):
-                        res.output_tokens = usage.get("completion_tokens") or 0
-                        res.prompt_tokens = usage.get("prompt_tokens") or 0
-                if done:
-                    break
-            if done:
-                # Read the body to its end, as vLLM's client does: httpx closes a connection whose
-                # response was left unread, and the next request would pay a new TCP connection inside
-                # its TTFT. Bounded, and errors ignored: the answer is complete at [DONE].
-                with contextlib.suppress(httpx.HTTPError, asyncio.TimeoutError):
-                    await asyncio.wait_for(_drain(pieces), DRAIN_S)
-        if res.ttft is None:
-            res.error = "no chunk with choices"
-            return res
-        res.latency = last - start
-        res.ok = True
-    except httpx.TimeoutException:
-        res.error = "timeout"
-    except httpx.HTTPError as e:
-        res.error = e.__class__.__name__
-    except json.JSONDecodeError:
-        res.error = "bad stream"
-    return res

@@ -1,13 +1,21 @@
-"""loadtest.bench against a real server on a tiny model, plus its pure parts (RULER: test_ruler.py).
+"""loadtest.bench (vLLM's benchmark engine on our prose prompts) against a real server on a tiny model
+(RULER: test_ruler.py).
 
     python -m pytest tests/test_loadtest.py
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import gc
+import inspect
+import io
 import json
-import random
+import os
 import signal
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -28,35 +36,203 @@ def tiny_server(tiny_checkpoint, tmp_path_factory):
     proc.wait(timeout=30)
 
 
-def test_bench_counts_match_server_metrics(tiny_server, tmp_path, capsys):
+def counter_deltas(before: dict, after: dict) -> dict[str, float]:
+    names = ("vllm:request_success_total", "vllm:prompt_tokens_total", "vllm:generation_tokens_total")
+    return {n.split(":")[1]: after.get(n, 0) - before.get(n, 0) for n in names}
+
+
+@pytest.fixture(scope="module")
+def bench_run(tiny_server, tmp_path_factory):
+    """One CLI run, with vLLM's benchmark() wrapped to keep what it returns itself:
+    (results JSON, stdout, server counter deltas, benchmark()'s own results)."""
+    from vllm.benchmarks import serve
+
     base, _ = tiny_server
-    before = scrape_metrics(base)
-    out = tmp_path / "bench.json"
-    rc = bench.main(["--base-url", base, "--input-len", "96", "--output-len", "12", "--num-requests", "12",
-                     "--max-concurrency", "4", "--request-rate", "50", "--warmup", "0", "--quiet", "--out", str(out),
-                     "--goodput", "ttft:60000", "e2el:60000"])
+    out = tmp_path_factory.mktemp("bench") / "bench.json"
+    theirs, real = [], serve.benchmark
+
+    async def keep(**kw):
+        theirs.append(await real(**kw))
+        return theirs[-1]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(serve, "benchmark", keep)
+        before, stdout = scrape_metrics(base), io.StringIO()
+        with contextlib.redirect_stdout(stdout):
+            rc = bench.main(["--base-url", base, "--input-len", "96", "--output-len", "12", "--num-prompts", "12",
+                             "--max-concurrency", "4", "--request-rate", "50", "--num-warmups", "2", "--quiet",
+                             "--out", str(out), "--goodput", "ttft:60000", "e2el:60000"])
+        deltas = counter_deltas(before, scrape_metrics(base))
     assert rc == 0
-    after = scrape_metrics(base)
-    res = json.loads(out.read_text())["results"]
-    (r,) = res.values()
-    assert r["completed"] == 12 and r["failed"] == 0
-    assert after["vllm:request_success_total"] - before.get("vllm:request_success_total", 0) == 12
-    assert after["vllm:prompt_tokens_total"] - before.get("vllm:prompt_tokens_total", 0) == r["input_tokens"] == 12 * 96
-    assert after["vllm:generation_tokens_total"] - before.get("vllm:generation_tokens_total", 0) == r["output_tokens"] == 12 * 12
-    assert 0 < r["ttft_s"]["p50"] <= r["e2el_s"]["p50"] and r["tpot_s"]["mean"] > 0
+    return json.loads(out.read_text()), stdout.getvalue(), deltas, theirs, out
+
+
+def recomputed(r: dict):
+    """vLLM's calculate_metrics on a run's recorded outputs, as stored in the results JSON."""
+    from vllm.benchmarks.lib.endpoint_request_func import RequestFuncOutput
+    from vllm.benchmarks.serve import calculate_metrics
+
+    outputs = [RequestFuncOutput(**s) for s in r["samples"]]
+    metrics, _ = calculate_metrics([], outputs, r["duration"], None, bench.PERCENTILES, r["goodput_slo_ms"] or {})
+    return metrics
+
+
+def assert_summary_is(r: dict, metrics) -> None:
+    for key, value in vars(metrics).items():
+        got = r[key]
+        if key.startswith("percentiles_"):
+            got = [tuple(x) for x in got]
+        assert got == value, key  # the same floats, summed in the same order: no tolerance
+
+
+def test_summary_is_vllms_own_metrics_of_the_same_outputs(bench_run):
+    """The summary (JSON and table) is what vLLM's benchmark() computed for the run, and what its
+    calculate_metrics gives on the outputs the JSON records; the 2 warm-ups are in neither."""
+    record, stdout, _, theirs, _ = bench_run
+    r, (v,) = record["results"]["server1"], theirs
+    assert len(r["samples"]) == 12 and r["completed"] == v["completed"] == 12
+    assert_summary_is(r, recomputed(r))
+    keys = {"failed": "failed", "total_input": "total_input_tokens", "total_output": "total_output_tokens",
+            "request_throughput": "request_throughput", "request_goodput": "request_goodput",
+            "output_throughput": "output_throughput", "total_token_throughput": "total_token_throughput",
+            "max_output_tokens_per_s": "max_output_tokens_per_s"}
+    assert {k: r[k] for k in keys} == {k: v[t] for k, t in keys.items()}
+    table = {line[:30].strip(): line[30:].split() for line in stdout.splitlines()}
+    for m in bench.METRICS:
+        assert (r[f"mean_{m}_ms"], r[f"median_{m}_ms"], r[f"std_{m}_ms"]) == (
+            v[f"mean_{m}_ms"], v[f"median_{m}_ms"], v[f"std_{m}_ms"]), m
+        for stat in ("mean", "p50", "p90", "p99"):
+            want = v[f"{stat}_{m}_ms"]
+            assert bench.stat(r, m, stat) == want, (m, stat)
+            assert table[f"{m.upper()} {stat} (ms)"] == [f"{want:.2f}"], (m, stat)
+    assert table["request throughput (req/s)"] == [f"{v['request_throughput']:.2f}"]
+
+
+def test_bench_end_to_end_counts_match_the_server(bench_run):
+    """Exact prompt lengths in the server's tokens: its own counters see 12 requests of 96 + 12 tokens,
+    plus vLLM's 2 warm-ups (the first prompt again)."""
+    record, stdout, deltas, _, out = bench_run
+    r = record["results"]["server1"]
+    assert deltas == {"request_success_total": 14, "prompt_tokens_total": 14 * 96, "generation_tokens_total": 14 * 12}
+    assert (r["completed"], r["failed"], r["total_input"], r["total_output"]) == (12, 0, 12 * 96, 12 * 12)
+    assert 0 < r["median_ttft_ms"] <= r["median_e2el_ms"] and r["mean_tpot_ms"] > 0
     assert r["request_goodput"] == r["request_throughput"]  # a minute's SLO: every request is good
+    assert record["command"].startswith("python -m loadtest.bench --base-url") and record["versions"]["vllm"]
+    assert r["card"]["id"] == "tiny" and r["card"]["max_model_len"] == 2048
     assert out.with_suffix(".cdf.png").stat().st_size > 1000
-    text = capsys.readouterr().out
-    assert "TTFT p99 (ms)" in text and "output throughput (tok/s)" in text
+    assert "TTFT p99 (ms)" in stdout and "output throughput (tok/s)" in stdout
 
 
-def test_bench_compare_prints_ratios(tiny_server, capsys):
+def test_same_flags_drive_vllms_benchmark_as_vllm_bench_serve_does(tiny_server, monkeypatch):
+    """No tolerance: for the same flags, bench calls vLLM's benchmark() with the arguments and the arrival
+    RNG state `vllm bench serve` (its main_async) calls it with, and with its random dataset's lengths.
+    This replaces running both tools at once and allowing 10%: they are one function now.
+    By design different: the request function (vLLM's, recorded), the tokenizer (the server's), the prompts
+    (prose, not random tokens) and the percentiles (the table's)."""
+    import random
+
+    from vllm.benchmarks import serve
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    base, ckpt = tiny_server
+    calls, signature = [], inspect.signature(serve.benchmark)
+
+    class Called(Exception):
+        pass
+
+    async def spy(**kw):
+        args = signature.bind(**kw)
+        args.apply_defaults()
+        calls.append((args.arguments, np.random.get_state()[1].copy(), random.getstate()))
+        raise Called
+
+    monkeypatch.setattr(serve, "benchmark", spy)
+    flags = ["--input-len", "64", "--output-len", "8", "--random-range-ratio", "0.5", "--num-prompts", "6",
+             "--max-concurrency", "2", "--request-rate", "5", "--burstiness", "0.5", "--temperature", "0",
+             "--num-warmups", "1", "--seed", "3", "--goodput", "ttft:1000", "tpot:50"]
+    parser = FlexibleArgumentParser()
+    serve.add_cli_args(parser)
+    args = parser.parse_args(["--base-url", base, "--model", "tiny", "--tokenizer", str(ckpt),
+                              "--dataset-name", "random", *flags])
+    try:
+        with pytest.raises(Called):
+            bench.main(["--base-url", base, *flags])
+        with pytest.raises(Called), contextlib.redirect_stdout(io.StringIO()):
+            asyncio.run(serve.main_async(args))
+    finally:
+        gc.unfreeze()  # main_async froze the heap
+    (ours, our_np, our_random), (theirs, their_np, their_random) = calls
+    assert (our_np == their_np).all() and our_random == their_random
+    by_design = {"endpoint_type", "tokenizer", "input_requests", "selected_percentile_metrics", "selected_percentiles"}
+    assert {k: v for k, v in ours.items() if k not in by_design} == {
+        k: v for k, v in theirs.items() if k not in by_design}
+    # Output lengths are drawn after the input lengths from the same seeded generator: equal lists mean the
+    # same draws. (vLLM's random prompts then miss their drawn lengths by a few tokens after decoding and
+    # re-encoding; prose windows hit them.)
+    out_lens = [[r.expected_output_len for r in x["input_requests"]] for x in (ours, theirs)]
+    assert out_lens[0] == out_lens[1] and len(set(out_lens[0])) > 1  # the range ratio does vary them
+    assert ours["endpoint_type"].startswith("loadtest-openai-")
+
+
+def test_compare_sends_the_same_requests_to_both(tiny_server, tmp_path, capsys):
     base, _ = tiny_server
-    rc = bench.main(["--base-url", base, "--compare", base, "--endpoint", "chat", "--input-len", "64",
-                     "--output-len", "8", "--num-requests", "4", "--warmup", "1", "--quiet"])
+    out = tmp_path / "ab.json"
+    before = scrape_metrics(base)
+    rc = bench.main(["--base-url", base, "--compare", base, "--model2", "tiny", "--endpoint", "chat",
+                     "--input-len", "64", "--output-len", "8", "--range-ratio", "0.5", "--num-prompts", "4",
+                     "--num-warmups", "0", "--quiet", "--out", str(out)])
     assert rc == 0
+    deltas = counter_deltas(before, scrape_metrics(base))
+    runs = json.loads(out.read_text())["results"]
+    assert sorted(runs) == ["server1", "server2"]
+    one, two = runs["server1"], runs["server2"]
+    assert one["completed"] == two["completed"] == 4
+    assert [s["prompt_len"] for s in one["samples"]] == [s["prompt_len"] for s in two["samples"]]
+    assert deltas["request_success_total"] == 8 and deltas["prompt_tokens_total"] == 2 * one["total_input"]
     text = capsys.readouterr().out
     assert "ratio 2/1" in text and "server 2:" in text
+
+
+def test_ctrl_c_summarises_what_finished(tiny_server, tmp_path, capsys):
+    """SIGINT once three requests are done: bench stops at once (400 requests at 8/s would take 50 s),
+    skips the second server, and summarises the finished ones as vLLM would; requests in flight count
+    as failed, requests never sent do not count."""
+    base, _ = tiny_server
+    out = tmp_path / "partial.json"
+    start = scrape_metrics(base).get("vllm:request_success_total", 0)
+
+    def interrupt():
+        deadline = time.time() + 60
+        while time.time() < deadline and scrape_metrics(base).get("vllm:request_success_total", 0) < start + 3:
+            time.sleep(0.1)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    thread = threading.Thread(target=interrupt, daemon=True)
+    t0 = time.time()
+    thread.start()
+    try:
+        rc = bench.main(["--base-url", base, "--compare", base, "--input-len", "32", "--output-len", "8",
+                         "--num-prompts", "400", "--request-rate", "8", "--num-warmups", "0", "--quiet",
+                         "--out", str(out)])
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C was not handled")
+    thread.join()
+    assert rc == 0 and time.time() - t0 < 40
+    runs = json.loads(out.read_text())["results"]
+    assert list(runs) == ["server1"]
+    r = runs["server1"]
+    assert r["interrupted"] and r["completed"] >= 3 and r["completed"] + r["failed"] < 400
+    assert all(s["error"] == bench.CANCELLED for s in r["samples"] if not s["success"])
+    assert_summary_is(r, recomputed(r))
+    captured = capsys.readouterr()
+    assert "interrupted: partial results" in captured.err and "TTFT p99 (ms)" in captured.out
+
+
+def test_duration_caps_the_requests_at_the_rate():
+    assert bench.Spec(num_requests=100, duration=2.5, request_rate=4).count == 10
+    assert bench.Spec(num_requests=6, duration=2.5, request_rate=4).count == 6
+    with pytest.raises(EndpointError, match="finite rate"):
+        bench.Spec(duration=2.5)
 
 
 def test_bench_clear_errors(tiny_server, capsys):
@@ -67,14 +243,10 @@ def test_bench_clear_errors(tiny_server, capsys):
     assert "does not serve 'gpt-4'" in capsys.readouterr().err
     assert bench.main(["--base-url", base, "--input-len", "4000", "--num-requests", "1"]) == 2
     assert "advertises max_model_len 2048" in capsys.readouterr().err
-
-
-def test_percentiles_match_numpy():
-    xs = [random.Random(1).random() for _ in range(101)]
-    got = bench.percentiles(xs)
-    for q in (50, 90, 99):
-        assert got[f"p{q}"] == pytest.approx(float(np.percentile(xs, q)))
-    assert got["mean"] == pytest.approx(float(np.mean(xs)))
+    assert bench.main(["--base-url", base, "--goodput", "latency:5", "--num-requests", "1"]) == 2
+    assert "Invalid metric name" in capsys.readouterr().err
+    assert bench.main(["--base-url", base, "--range-ratio", "1.5", "--num-requests", "1"]) == 2
+    assert "[0, 1)" in capsys.readouterr().err
 
 
 def test_connect_lists_served_models(tiny_server):
@@ -83,184 +255,3 @@ def test_connect_lists_served_models(tiny_server):
     assert ep.model == "tiny" and ep.max_model_len == 2048
     with pytest.raises(EndpointError, match="serves"):
         connect(base, "other")
-
-
-def _vllm_metrics(results, input_lens, wall, goodput):
-    from vllm.benchmarks.lib.endpoint_request_func import RequestFuncOutput
-    from vllm.benchmarks.serve import calculate_metrics
-
-    outs = [RequestFuncOutput(success=r.ok, latency=r.latency, output_tokens=r.output_tokens, ttft=r.ttft or 0.0,
-                              itl=list(r.itl), prompt_len=r.prompt_tokens or n, start_time=float(i), error=r.error or "")
-            for i, (r, n) in enumerate(zip(results, input_lens, strict=True))]
-    metrics, _ = calculate_metrics([], outs, wall, None, [50.0, 90.0, 99.0], goodput)
-    return metrics
-
-
-def test_summary_equals_vllm_calculate_metrics():
-    """Same per-request outputs through our summary and vLLM's own calculate_metrics: every number agrees.
-    The outputs cover what separates the definitions: one-token and zero-usage requests (TPOT, goodput),
-    failures, and SLOs that each cut a different subset."""
-    from loadtest.endpoint import StreamResult
-
-    rng = random.Random(4)
-    results, input_lens = [], []
-    for i in range(60):
-        n_out = [0, 1, 2, 17, 40][i % 5]
-        ttft = rng.uniform(0.01, 0.2)
-        itl = [rng.uniform(0.002, 0.03) for _ in range(max(0, n_out - 1))]
-        ok = i % 11 != 3
-        results.append(StreamResult(ok=ok, error=None if ok else "HTTP 500", ttft=ttft if ok else None,
-                                    latency=ttft + sum(itl) if ok else 0.0, itl=itl if ok else [],
-                                    output_tokens=n_out if ok else 0, prompt_tokens=rng.choice([0, 90, 128])))
-        input_lens.append(128)
-    goodput = {"ttft": 150.0, "tpot": 20.0, "e2el": 600.0}
-    ours = bench.summarize(results, input_lens, 9.5, goodput)
-    ref = _vllm_metrics(results, input_lens, 9.5, goodput)
-    assert (ours["completed"], ours["failed"]) == (ref.completed, ref.failed)
-    assert (ours["input_tokens"], ours["output_tokens"]) == (ref.total_input, ref.total_output)
-    for key in ("request_throughput", "request_goodput", "output_throughput", "total_token_throughput"):
-        assert ours[key] == pytest.approx(getattr(ref, key), rel=1e-12), key
-    assert 0 < ref.request_goodput < ref.request_throughput  # the SLOs do cut
-    for metric in ("ttft", "tpot", "itl", "e2el"):
-        assert ours[f"{metric}_s"]["mean"] * 1000 == pytest.approx(getattr(ref, f"mean_{metric}_ms"), rel=1e-9)
-        assert ours[f"{metric}_s"]["p50"] * 1000 == pytest.approx(getattr(ref, f"median_{metric}_ms"), rel=1e-9)
-        for q, v in getattr(ref, f"percentiles_{metric}_ms"):
-            assert ours[f"{metric}_s"][f"p{int(q)}"] * 1000 == pytest.approx(v, rel=1e-9), (metric, q)
-
-
-def test_bench_agrees_with_vllm_bench_serve_on_one_server(tiny_server):
-    """Both tools at once, on one server and one event loop, each with its own random prompts from vLLM's
-    sampler (lengths 256-768 in, 16-48 out, EOS ignored, greedy) and concurrency 2: their requests share the
-    engine's batches, so load from other jobs on the machine hits both alike. Every mean within 10% of vLLM's.
-    Lengths vary because with all requests alike the four streams run in lock-step and whichever client
-    sends its next request first is scheduled first: run-level TTFT biases of up to 17% (measured with
-    benchmarks/bench_vs_vllm.py, BENCHMARKS.md)."""
-    import asyncio
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    from bench_vs_vllm import run_both
-
-    base, ckpt = tiny_server
-    n = 192
-    ours, theirs = asyncio.run(run_both(base, ckpt, num_prompts=n, concurrency=2, input_len=512, output_len=32,
-                                        range_ratio=0.5))
-    assert ours["completed"] == n and ours["failed"] == 0 and theirs["completed"] == n
-    pairs = {f"{m} mean (ms)": (ours[f"{m}_s"]["mean"] * 1000, theirs[f"mean_{m}_ms"])
-             for m in ("ttft", "tpot", "itl", "e2el")}
-    for key in ("request_throughput", "output_throughput"):
-        pairs[key] = (ours[key], theirs[key])
-    report = {k: f"ours {a:.3f} vllm {b:.3f} ratio {a / b:.3f}" for k, (a, b) in pairs.items()}
-    print(json.dumps(report, indent=1))
-    for a, b in pairs.values():
-        assert a == pytest.approx(b, rel=0.10), report
-
-
-def test_bench_keeps_connections_alive(tiny_server):
-    """A proxy counts the TCP connections bench opens: one per concurrent stream, as vLLM's client.
-    Leaving a stream unread after [DONE] made httpx close the connection, so every request paid a new
-    connection set-up inside its TTFT."""
-    import asyncio
-    from urllib.parse import urlsplit
-
-    base, _ = tiny_server
-    target = urlsplit(base)
-    accepted = 0
-
-    async def pipe(reader, writer):
-        try:
-            while data := await reader.read(65536):
-                writer.write(data)
-                await writer.drain()
-        finally:
-            writer.close()
-
-    async def handle(client_r, client_w):
-        nonlocal accepted
-        accepted += 1
-        try:
-            server_r, server_w = await asyncio.open_connection(target.hostname, target.port)
-        except OSError:
-            client_w.close()
-            return
-        await asyncio.gather(pipe(client_r, server_w), pipe(server_r, client_w), return_exceptions=True)
-
-    async def go():
-        proxy = await asyncio.start_server(handle, "127.0.0.1", 0)
-        port = proxy.sockets[0].getsockname()[1]
-        ep = await asyncio.to_thread(connect, f"http://127.0.0.1:{port}/v1", None)
-        opened_by_connect = accepted
-        spec = bench.Spec(input_len=16, output_len=4, num_requests=12, max_concurrency=2, warmup=2, seed=0)
-        rows = [([1 + i] * 16, 16, 4) for i in range(12)]
-        try:
-            res = await bench.run_load(ep, spec, rows, progress=False)
-        finally:
-            proxy.close()
-            await proxy.wait_closed()
-        return res, accepted - opened_by_connect
-
-    res, opened = asyncio.run(asyncio.wait_for(go(), 120))
-    assert res["completed"] == 12 and res["failed"] == 0
-    assert opened <= 2, f"{opened} connections for 14 requests at concurrency 2"
-
-
-@pytest.mark.parametrize("newline", ["\n", "\r\n"])
-def test_sse_events_split_on_lf_or_crlf_across_reads(newline):
-    """Servers on sse-starlette end SSE lines with CRLF; a CR and its LF may arrive in different reads."""
-    import asyncio
-
-    import httpx
-
-    from loadtest.endpoint import Endpoint, stream_request
-
-    events = [{"choices": [{"index": 0, "text": t}]} for t in ("a", "b", "c")]
-    events.append({"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 3}})
-    raw = "".join(f"data: {json.dumps(e)}{newline}{newline}" for e in events) + f"data: [DONE]{newline}{newline}"
-    cut = raw.index("\r") + 1 if "\r" in raw else 7  # a read boundary between CR and LF
-
-    async def body():
-        for part in (raw[:cut], raw[cut:]):
-            yield part.encode()
-
-    async def go():
-        transport = httpx.MockTransport(lambda request: httpx.Response(200, content=body()))
-        async with httpx.AsyncClient(transport=transport) as client:
-            return await stream_request(client, Endpoint("http://x/v1", "m", None, None), "completions", [1, 2], 3)
-
-    r = asyncio.run(go())
-    assert r.ok and r.text == "abc" and len(r.itl) == 2 and (r.prompt_tokens, r.output_tokens) == (5, 3), r
-
-
-@pytest.mark.parametrize("after_done", ["more bytes", "broken connection", "stays open"])
-def test_a_stream_is_complete_at_done_whatever_follows(after_done, monkeypatch):
-    """The rest of the body is read after [DONE] (so httpx keeps the connection), but what comes there
-    cannot fail or stall a complete answer: other servers and proxies may send more, drop the connection
-    without the chunked terminator, or keep it open."""
-    import asyncio
-
-    import httpx
-
-    from loadtest import endpoint
-
-    monkeypatch.setattr(endpoint, "DRAIN_S", 0.2)
-    events = [{"choices": [{"index": 0, "text": t}]} for t in ("a", "b")]
-    raw = "".join(f"data: {json.dumps(e)}\n\n" for e in events) + "data: [DONE]\n\n"
-
-    async def body():
-        yield raw.encode()
-        if after_done == "more bytes":
-            yield b": ping\n\ndata: {not json}\n\n"
-        elif after_done == "broken connection":
-            raise httpx.RemoteProtocolError("peer closed connection without sending complete message body")
-        else:
-            await asyncio.sleep(3600)
-
-    async def go():
-        transport = httpx.MockTransport(lambda request: httpx.Response(200, content=body()))
-        async with httpx.AsyncClient(transport=transport) as client:
-            ep = endpoint.Endpoint("http://x/v1", "m", None, None)
-            return await asyncio.wait_for(endpoint.stream_request(client, ep, "completions", [1, 2], 2), 10)
-
-    r = asyncio.run(go())
-    assert r.ok and r.text == "ab" and len(r.itl) == 1, r
