@@ -27,15 +27,16 @@ server's own tokens (asked of its /tokenize and /detokenize), so NIAH and vt pro
 exactly L - budget tokens long (with --endpoint chat the chat template's tokens count too,
 as RULER's model_template_token does); cwe, fwe and qa take the most whole list items / documents
 that fit, as RULER does (the actual length is recorded per trial).
-Depth (NIAH only) is the position of the first asked needle: 0 puts it right after the
-instruction, 1 right before the question (checked token by token when the trial is built);
+The essay haystack is RULER's: the essays from the beginning of their text, needles between
+sentences, every piece joined by one space. Depth (NIAH only) is the position of the first
+asked needle: 0 puts it right after the instruction, 1 right before the question (checked token by token when the trial is built);
 RULER draws depths at random, here they are an axis of the heatmap (--trials per task and
 length go round the depths) and the other needles sit at random sentence boundaries. vt and
 cwe start with one solved example, as RULER's do. Trial seeds make prompts identical byte
 for byte. Differences from RULER, on purpose or forced: no SQuAD / HotpotQA download (pass a
 local file in RULER's json format), NIAH keys and cwe words come from built-in lists and the
-essays' vocabulary (RULER: the wonderwords lists), no sentence tokenizer (needles go between
-sentences split on '. ').
+essays' vocabulary (RULER: the wonderwords lists), sentences end at . ! ? before a capital
+(RULER: nltk's punkt), the haystack's last piece is cut at a token to make L exact (RULER's at a word).
 
 Scores are per trial in [0, 1] (RULER reports their mean x 100). Outputs results.json
 (command, server /v1/models card, tool versions, every trial), a depth x length heatmap
@@ -112,6 +113,10 @@ TASKS = tuple(BUDGET)
 QA_FLAGS = {"qa_1": "--squad-file", "qa_2": "--hotpotqa-file"}  # RULER: qa_1 is SQuAD v2, qa_2 HotpotQA
 ADJ = ("elite", "quiet", "amber", "rapid", "gentle", "hollow", "silver", "brave", "crimson", "lucky", "frozen", "noble",
        "tender", "bitter", "cheerful", "ancient", "curious", "fragile", "glossy", "humble", "jolly", "mellow", "placid")
+# punkt (RULER's nltk sent_tokenize) is a trained model whose data is not installed here; this is its main rule
+# without its abbreviation list: a sentence ends at . ! or ? (a closing quote or bracket may follow) before a
+# space and a word that starts like a sentence.
+_SENTENCE_BREAK = re.compile(r"(?:(?<=[.!?])|(?<=[.!?][\"')\]])) (?=[\"'(\[]?[A-Z0-9])")
 NOUN = ("butterfly", "harbor", "lantern", "meadow", "falcon", "glacier", "orchard", "compass", "violin", "canyon",
         "pebble", "comet", "thimble", "walrus", "saddle", "pendant", "kettle", "quarry", "sparrow", "tundra", "marble")
 
@@ -156,7 +161,8 @@ class Builder:
                  reserve: int = 0):
         self.tok = tok
         self.reserve = reserve  # tokens the chat template will add: taken from the haystack, so the total stays L
-        self.sentences = [s if s.endswith(".") else s + "." for s in re.sub(r"\s+", " ", essay_text).split(". ") if s]
+        # RULER's essays: whitespace collapsed; joined with one space, the sentences give that text back
+        self.sentences = [s for s in _SENTENCE_BREAK.split(re.sub(r"\s+", " ", essay_text).strip()) if s]
         self.vocab = sorted({w for w in re.findall(r"[a-z]{4,}", essay_text.lower())})
         self.qa_files = qa_files or {}  # {"qa_1": SQuAD v2 json, "qa_2": HotpotQA json}
         self._qa: dict[str, tuple[list[dict], list[str]]] = {}
@@ -216,20 +222,23 @@ class Builder:
         # the asked needles first: needle 0 is the one placed at the requested depth
         first = asked[0]
         needles.sort(key=lambda n: n[0] != first)
-        needle_ids = [self.ids(sep + text) for _, text in needles]
-        if sep == "\n":  # every unit brings its own newline: RULER joins them with one
-            head = head[:-1]
-        head_ids, tail_ids = self.ids(head), self.ids(tail + prefix)
+        # The context starts on the template's new line: its first piece carries that "\n" in place of its
+        # separator (the asked needle at depth 0, the haystack's first piece otherwise).
+        opens = depth == 0
+        needle_ids = [self.ids(("\n" if j == 0 and opens else sep) + text) for j, (_, text) in enumerate(needles)]
+        head_ids, tail_ids = self.ids(head[:-1]), self.ids(tail + prefix)
         budget = target - len(head_ids) - len(tail_ids) - sum(len(n) for n in needle_ids)
         if budget < 8:
             raise ValueError(f"length {length} is too short for {task}")
-        units = self._haystack_units(s, sep, budget, rng, set(keys))
-        # needle 0 at the requested depth; the others at random inner boundaries, so none displaces it from an end
+        units = self._haystack_units(s, sep, sep if opens else "\n", budget, rng, set(keys))
+        # The asked needle at its depth, every depth above 0 behind at least one piece; the others at random
+        # inner boundaries, so none displaces it from either end (at depth 1 it goes after any that share its place).
         n_units = len(units)
-        at = [round(depth * n_units)] + [rng.randint(1, max(1, n_units - 1)) for _ in needle_ids[1:]]
+        at = [0 if opens else max(1, round(depth * n_units))] + [rng.randint(1, max(1, n_units - 1))
+                                                                 for _ in needle_ids[1:]]
         body: list[list[int]] = []
         spans_by_needle: dict[int, tuple[int, int]] = {}
-        order = sorted(range(len(needle_ids)), key=lambda j: (at[j], j))
+        order = sorted(range(len(needle_ids)), key=lambda j: (at[j], (j == 0) == (depth == 1), j))
         pos = len(head_ids)
         u = 0
         for j in order:
@@ -248,9 +257,11 @@ class Builder:
         refs = [v for i in asked for v in values[i]]
         return Trial(task, length, depth, seed, ids, prefix, refs, spans, (len(head_ids), len(ids) - len(tail_ids)))
 
-    def _haystack_units(self, s: NiahSpec, sep: str, budget: int, rng: random.Random,
+    def _haystack_units(self, s: NiahSpec, sep: str, first_sep: str, budget: int, rng: random.Random,
                         keys: frozenset[str] | set[str] = frozenset()) -> list[list[int]]:
-        """Whole sentences totalling exactly ``budget`` tokens; the first one is cut at its start if needed.
+        """RULER's haystack from its beginning (the essays start over after the last sentence, as RULER repeats
+        them), each piece tokenised with its separator in front, totalling exactly ``budget`` tokens: the last
+        piece is cut at a token (RULER sizes in whole words and ends mid-sentence too).
         Needle haystacks (multikey_2/3) never repeat a real needle's key: with our small word lists a
         repeat would give the asked key a second value, which RULER's huge ones make vanishingly rare."""
         units: list[list[int]] = []
@@ -258,24 +269,17 @@ class Builder:
         i = 0
         while total < budget:
             if s.haystack == "essay":
-                text = sep + self.sentences[i % len(self.sentences)]
+                text = self.sentences[i % len(self.sentences)]
             elif s.haystack == "noise":
-                text = sep + NOISE
+                text = NOISE
             else:
                 key = self._rand(s.key, rng)
                 while key in keys:
                     key = self._rand(s.key, rng)
-                text = sep + NEEDLE.format(type_needle_v=s.value, key=key, value=self._rand(s.value, rng))
-            units.append(self.ids(text))
+                text = NEEDLE.format(type_needle_v=s.value, key=key, value=self._rand(s.value, rng))
+            units.append(self.ids((first_sep if i == 0 else sep) + text)[: budget - total])
             total += len(units[-1])
             i += 1
-        over = total - budget
-        while over:  # drop tokens from the start, so the haystack ends on a whole sentence
-            cut = min(over, len(units[0]))
-            units[0] = units[0][cut:]
-            over -= cut
-            if not units[0]:
-                units.pop(0)
         return units
 
     # --- vt -----------------------------------------------------------------------------
@@ -319,7 +323,7 @@ class Builder:
         budget = target - len(head_ids) - len(tail_ids) - sum(len(c) for c in chain_ids)
         if budget < 8:
             raise ValueError(f"length {length} is too short for vt")
-        units = self._haystack_units(NiahSpec("noise", "words", "numbers"), "\n", budget, rng)
+        units = self._haystack_units(NiahSpec("noise", "words", "numbers"), "\n", "\n", budget, rng)
         at = sorted(rng.randint(0, len(units)) for _ in chain_ids)
         body, u = [], 0
         for a, c in zip(at, chain_ids, strict=True):

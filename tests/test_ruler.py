@@ -18,6 +18,8 @@ from loadtest.endpoint import ServerTokenizer, connect
 from loadtest.text import corpus_text
 
 NIAH = list(ruler.NIAH_TASKS)
+NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."  # RULER's
+NEEDLE = r"One of the special magic \w+ for [\w-]+ is: [\w-]+\."
 
 
 # Independent reference: RULER's published scoring, transcribed from NVIDIA/RULER
@@ -206,6 +208,51 @@ def test_needle_haystacks_never_repeat_a_real_needles_key(builder):
         text = builder.tok.decode(t.prompt_ids)
         key = re.search(r"magic numbers? for (.+?) mentioned", text).group(1)
         assert len(re.findall(rf"for {re.escape(key)} is:", text)) == 1, (seed, key)
+
+
+def _context(text: str) -> str:
+    """A NIAH prompt's haystack with its needles: between the instruction's line and the question's."""
+    assert "afterwards.\n" in text and "\nWhat " in text, text[:300]
+    return text.split("afterwards.\n", 1)[1].rsplit("\nWhat ", 1)[0]
+
+
+@pytest.mark.parametrize("task", [t for t in NIAH if ruler.NIAH_TASKS[t].haystack == "essay"])
+def test_essay_haystack_is_rulers(builder, task):
+    """RULER's essay haystack: the essays from the start of their text with whitespace collapsed, needles
+    between sentences, every piece joined to the next by one space. (It used to start mid-word with the
+    depth-0 needle glued to it: '... is: 3250982.eroin, and crack have in common'.)"""
+    essays = re.sub(r"\s+", " ", corpus_text())
+    for depth in (0.0, 0.5, 1.0):
+        t = builder.build(task, 1536, depth, seed=4)
+        context = _context(builder.tok.decode(t.prompt_ids))
+        n_needles = len(re.findall(NEEDLE, context))
+        assert n_needles == len(re.findall(rf"(?:^|(?<= )){NEEDLE}(?= |$)", context)) >= 1, context[:300]
+        # One space between pieces. The haystack's cut end (before the depth-1 needle) may keep a space of its
+        # own where a token ends in one: bytes do, BPE and SentencePiece tokens start with theirs.
+        assert not context.startswith(" ") and "  " not in re.sub(rf"  ({NEEDLE})$", r" \1", context)
+        hay = re.split(NEEDLE, context)  # the essay text before, between and after the needles
+        assert essays.startswith(" ".join(h.strip(" ") for h in hay if h.strip(" ")))
+        for before, after in zip(hay, hay[1:], strict=False):  # a sentence ends before each needle...
+            if before.strip(" ") and after:  # ...except the one after the haystack's cut end (depth 1)
+                assert re.search(r"[.!?][\"')\]]?$", before.strip(" ")), before[-80:]
+        assert (hay[0] == "") == (depth == 0) and (hay[-1] == "") == (depth == 1)
+
+
+@pytest.mark.parametrize("task", [t for t in NIAH if ruler.NIAH_TASKS[t].haystack != "essay"])
+def test_line_haystacks_are_whole_lines(builder, task):
+    """RULER's noise and needle haystacks: one piece a line from the instruction's line on; only the last
+    haystack line is cut (at a token, so that L is exact)."""
+    spec = ruler.NIAH_TASKS[task]
+    whole = (lambda line: line == NOISE) if spec.haystack == "noise" else (lambda line: re.fullmatch(NEEDLE, line))
+    for depth in (0.0, 0.5, 1.0):
+        t = builder.build(task, 1536, depth, seed=5)
+        lines = _context(builder.tok.decode(t.prompt_ids)).split("\n")
+        cut = [i for i, line in enumerate(lines) if not (whole(line) or re.fullmatch(NEEDLE, line))]
+        assert len(cut) <= 1 and all(i >= len(lines) - 2 for i in cut), [lines[i] for i in cut]
+        for i in cut:
+            line = lines[i]
+            assert line and (NOISE.startswith(line) if spec.haystack == "noise" else
+                             "One of the special magic ".startswith(line[:25])), line
 
 
 def test_loadtest_imports_without_torch():
