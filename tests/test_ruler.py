@@ -9,9 +9,11 @@ import json
 import re
 import subprocess
 import sys
+import threading
+from http.server import ThreadingHTTPServer
 
 import pytest
-from fake_openai import start
+from fake_openai import Handler
 
 from loadtest import ruler
 from loadtest.endpoint import ServerTokenizer, connect
@@ -64,9 +66,24 @@ def test_scoring_matches_ruler_transcription(metric):
     assert [round(100 * x, 2) for x in ours] == [reference([p], [r]) for p, r in zip(preds, refs, strict=False)]
 
 
+class KeepAlive(Handler):
+    """The fake server on one connection per client: these tests make thousands of /tokenize calls, and a new
+    TCP connection for each (HTTP/1.0) was most of their time. Every reply here has a Content-Length. Without
+    TCP_NODELAY, headers and body sent apart on a kept connection wait out the peer's delayed ACK (~40 ms)."""
+
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True
+
+
+def serve(handler: type[Handler]) -> tuple[ThreadingHTTPServer, str]:
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    return srv, f"http://127.0.0.1:{srv.server_address[1]}"
+
+
 @pytest.fixture(scope="module")
 def fake():
-    srv, base = start()
+    srv, base = serve(KeepAlive)
     yield base
     srv.shutdown()
 
