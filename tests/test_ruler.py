@@ -13,7 +13,7 @@ import threading
 from http.server import ThreadingHTTPServer
 
 import pytest
-from fake_openai import Handler
+from fake_openai import BOS, Handler, chat
 
 from loadtest import ruler
 from loadtest.endpoint import ServerTokenizer, connect
@@ -270,6 +270,39 @@ def test_line_haystacks_are_whole_lines(builder, task):
             line = lines[i]
             assert line and (NOISE.startswith(line) if spec.haystack == "noise" else
                              "One of the special magic ".startswith(line[:25])), line
+
+
+class OtherTokenizer(KeepAlive):
+    """The fake model behind another tokenizer: token ids shifted by 7 (a different vocabulary)."""
+
+    def do_POST(self):
+        if self.path not in ("/tokenize", "/detokenize"):
+            return super().do_POST()
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        if self.path == "/detokenize":
+            return self._send({"prompt": bytes(i - 7 for i in body["tokens"]).decode(errors="replace")})
+        text = chat(body["messages"]) if "messages" in body else \
+            (BOS if body.get("add_special_tokens", True) else "") + body["prompt"]
+        ids = [b + 7 for b in text.encode()]
+        self._send({"count": len(ids), "max_model_len": 8192, "tokens": ids, "token_strs": None})
+
+
+def test_compare_across_tokenizers_goes_through_chat(fake, tmp_path, capsys):
+    """--compare with two tokenizers: completions (token ids) refuses, chat sends every server the same text.
+    (The second server used to decode the first one's ids with its own tokenizer.)"""
+    srv, other = serve(OtherTokenizer)
+    try:
+        argv = ["--base-url", fake, "--compare", other, "--tasks", "niah_single_2", "--lengths", "1024",
+                "--depths", "0,1", "--trials", "2", "--out-dir", str(tmp_path)]
+        assert ruler.main(argv) == 2 and "tokenises differently" in capsys.readouterr().err
+        assert ruler.main([*argv, "--endpoint", "chat"]) == 0
+    finally:
+        srv.shutdown()
+    res = json.loads((tmp_path / "results.json").read_text())
+    for server in ("server1", "server2"):
+        assert res[server]["accuracy"]["niah_single_2"]["1024"] == {"0.0": 1.0, "1.0": 0.0}
+        assert (tmp_path / server / "heatmap_niah_single_2.png").stat().st_size > 1000
+    assert (tmp_path / "accuracy_by_length.png").stat().st_size > 1000
 
 
 def test_run_and_spec_are_the_cli_as_functions(fake):

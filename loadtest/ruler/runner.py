@@ -100,14 +100,14 @@ async def _send(ep: Endpoint, plan: Plan, concurrency: int, desc: str) -> list[R
     from tqdm.auto import tqdm
 
     sem = asyncio.Semaphore(concurrency)
-    tok = ServerTokenizer(ep)
     bar = tqdm(total=len(plan.trials), desc=desc, unit="trial", file=sys.stderr)
 
     async def one(client: httpx.AsyncClient, t: Trial) -> Result:
         body: dict[str, Any] = {"model": ep.model, "max_tokens": t.budget, "temperature": 0.0}
         if plan.endpoint == "chat":
-            # The answer prefix opens the assistant turn, where RULER puts it after the model template.
-            user, prefix = split_answer_prefix(tok.decode(t.prompt_ids), t)
+            # The answer prefix opens the assistant turn, where RULER puts it after the model template. The ids
+            # are decoded by the plan's tokenizer: they are in its tokens, whichever server this is.
+            user, prefix = split_answer_prefix(plan.tok.decode(t.prompt_ids), t)
             body.update(messages=[{"role": "user", "content": user}, {"role": "assistant", "content": prefix}],
                         add_generation_prompt=False, continue_final_message=True)
             url = f"{ep.base_url}/chat/completions"
