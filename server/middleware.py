@@ -31,7 +31,8 @@ _BUSY = QueueOverflowError().message
 RETRY_AFTER_S = "1"
 
 
-def error_body(status: int, message: str, type_: str, code: str | None = None, param: str | None = None) -> bytes:
+def error_body(message: str, type_: str, code: str | None = None, param: str | None = None) -> bytes:
+    """OpenAI's error envelope; the HTTP status travels in the response start, not in the body."""
     return json.dumps({"error": {"message": message, "type": type_, "param": param, "code": code}}).encode()
 
 
@@ -49,7 +50,7 @@ class DropeMiddleware:
             if not self._authorised(scope):
                 REJECTED.labels(reason="auth").inc()
                 return await _respond(send, 401, error_body(
-                    401, "Invalid or missing API key (send 'Authorization: Bearer <key>').",
+                    "Invalid or missing API key (send 'Authorization: Bearer <key>').",
                     "authentication_error", "invalid_api_key"))
         limit = self.options.max_body_bytes
         declared = _header(scope, b"content-length")
@@ -88,7 +89,7 @@ class DropeMiddleware:
     async def _too_large(self, send: Send) -> None:
         REJECTED.labels(reason="body_too_large").inc()
         limit = self.options.max_body_bytes
-        await _respond(send, 413, error_body(413, f"Request body over the {limit}-byte limit (--max-body).",
+        await _respond(send, 413, error_body(f"Request body over the {limit}-byte limit (--max-body).",
                                              "invalid_request_error", "request_too_large"))
 
 
@@ -168,7 +169,7 @@ class _Reply:
         detail = payload.get("detail", payload.get("error")) if isinstance(payload, dict) else None
         message = str(detail) if detail is not None else (body.decode(errors="replace").strip() or f"HTTP {status}")
         headers = [(k, v) for k, v in start.get("headers", []) if k.lower() not in (b"content-length", b"content-type")]
-        await _respond(self._send, status, error_body(status, message, _error_type(status), None), headers)
+        await _respond(self._send, status, error_body(message, _error_type(status)), headers)
 
 
 def _is_open(path: str) -> bool:
@@ -181,7 +182,7 @@ def _is_busy(payload: Any) -> bool:
 
 async def _respond_busy(send: Send) -> None:
     await _respond(send, 429, error_body(
-        429, "The server is at capacity (--max-num-seqs running + --max-queue waiting); retry after a second.",
+        "The server is at capacity (--max-num-seqs running + --max-queue waiting); retry after a second.",
         "rate_limit_error", "queue_full"), [(b"retry-after", RETRY_AFTER_S.encode())])
 
 

@@ -9,15 +9,19 @@ import json
 import re
 import subprocess
 import sys
+import threading
+from http.server import ThreadingHTTPServer
 
 import pytest
-from fake_openai import start
+from fake_openai import BOS, Handler, chat
 
 from loadtest import ruler
 from loadtest.endpoint import ServerTokenizer, connect
 from loadtest.text import corpus_text
 
 NIAH = list(ruler.NIAH_TASKS)
+NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."  # RULER's
+NEEDLE = r"One of the special magic \w+ for [\w-]+ is: [\w-]+\."
 
 
 # Independent reference: RULER's published scoring, transcribed from NVIDIA/RULER
@@ -62,9 +66,24 @@ def test_scoring_matches_ruler_transcription(metric):
     assert [round(100 * x, 2) for x in ours] == [reference([p], [r]) for p, r in zip(preds, refs, strict=False)]
 
 
+class KeepAlive(Handler):
+    """The fake server on one connection per client: these tests make thousands of /tokenize calls, and a new
+    TCP connection for each (HTTP/1.0) was most of their time. Every reply here has a Content-Length. Without
+    TCP_NODELAY, headers and body sent apart on a kept connection wait out the peer's delayed ACK (~40 ms)."""
+
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True
+
+
+def serve(handler: type[Handler]) -> tuple[ThreadingHTTPServer, str]:
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    return srv, f"http://127.0.0.1:{srv.server_address[1]}"
+
+
 @pytest.fixture(scope="module")
 def fake():
-    srv, base = start()
+    srv, base = serve(KeepAlive)
     yield base
     srv.shutdown()
 
@@ -79,7 +98,7 @@ def builder(fake):
 def test_prompt_length_is_exact_in_server_tokens(builder, task, length):
     t = builder.build(task, length, 0.5, seed=1)
     # byte tokenizer: the prompt's UTF-8 length is its token count
-    assert len(builder.tok.decode(t.prompt_ids).encode()) == length - ruler.BUDGET[task]
+    assert len(builder.tok.decode(t.prompt_ids).encode()) == length - ruler.TASKS[task].budget
 
 
 @pytest.mark.parametrize("task", ["cwe", "fwe"])
@@ -87,7 +106,7 @@ def test_fitted_tasks_fill_but_do_not_exceed(builder, task):
     L = 3000  # bytes: cwe's solved example alone is ~900; below 4096 RULER's short-context counts apply
     t = builder.build(task, L, None, seed=1)
     n = len(builder.tok.decode(t.prompt_ids).encode())
-    assert L - ruler.BUDGET[task] - 200 < n <= L - ruler.BUDGET[task]
+    assert L - ruler.TASKS[task].budget - 200 < n <= L - ruler.TASKS[task].budget
 
 
 @pytest.mark.parametrize("task", NIAH)
@@ -144,7 +163,7 @@ def test_task_contents_follow_ruler(builder):
 
 def test_seeds_reproduce_prompts_byte_for_byte(fake, builder):
     other = ruler.Builder(ServerTokenizer(connect(fake, None)), corpus_text())
-    for task in ruler.TASKS[:-2]:
+    for task in list(ruler.TASKS)[:-2]:  # not QA: it needs data files
         a, b = builder.build(task, 3000, 0.5, seed=7), other.build(task, 3000, 0.5, seed=7)
         assert a.prompt_ids == b.prompt_ids and a.refs == b.refs
         assert builder.build(task, 3000, 0.5, seed=8).prompt_ids != a.prompt_ids
@@ -206,6 +225,99 @@ def test_needle_haystacks_never_repeat_a_real_needles_key(builder):
         text = builder.tok.decode(t.prompt_ids)
         key = re.search(r"magic numbers? for (.+?) mentioned", text).group(1)
         assert len(re.findall(rf"for {re.escape(key)} is:", text)) == 1, (seed, key)
+
+
+def _context(text: str) -> str:
+    """A NIAH prompt's haystack with its needles: between the instruction's line and the question's."""
+    assert "afterwards.\n" in text and "\nWhat " in text, text[:300]
+    return text.split("afterwards.\n", 1)[1].rsplit("\nWhat ", 1)[0]
+
+
+@pytest.mark.parametrize("task", [t for t in NIAH if ruler.TASKS[t].niah.haystack == "essay"])
+def test_essay_haystack_is_rulers(builder, task):
+    """RULER's essay haystack: the essays from the start of their text with whitespace collapsed, needles
+    between sentences, every piece joined to the next by one space. (It used to start mid-word with the
+    depth-0 needle glued to it: '... is: 3250982.eroin, and crack have in common'.)"""
+    essays = re.sub(r"\s+", " ", corpus_text())
+    for depth in (0.0, 0.5, 1.0):
+        t = builder.build(task, 1536, depth, seed=4)
+        context = _context(builder.tok.decode(t.prompt_ids))
+        n_needles = len(re.findall(NEEDLE, context))
+        assert n_needles == len(re.findall(rf"(?:^|(?<= )){NEEDLE}(?= |$)", context)) >= 1, context[:300]
+        # One space between pieces. The haystack's cut end (before the depth-1 needle) may keep a space of its
+        # own where a token ends in one: bytes do, BPE and SentencePiece tokens start with theirs.
+        assert not context.startswith(" ") and "  " not in re.sub(rf"  ({NEEDLE})$", r" \1", context)
+        hay = re.split(NEEDLE, context)  # the essay text before, between and after the needles
+        assert essays.startswith(" ".join(h.strip(" ") for h in hay if h.strip(" ")))
+        for before, after in zip(hay, hay[1:], strict=False):  # a sentence ends before each needle...
+            if before.strip(" ") and after:  # ...except the one after the haystack's cut end (depth 1)
+                assert re.search(r"[.!?][\"')\]]?$", before.strip(" ")), before[-80:]
+        assert (hay[0] == "") == (depth == 0) and (hay[-1] == "") == (depth == 1)
+
+
+@pytest.mark.parametrize("task", [t for t in NIAH if ruler.TASKS[t].niah.haystack != "essay"])
+def test_line_haystacks_are_whole_lines(builder, task):
+    """RULER's noise and needle haystacks: one piece a line from the instruction's line on; only the last
+    haystack line is cut (at a token, so that L is exact)."""
+    spec = ruler.TASKS[task].niah
+    whole = (lambda line: line == NOISE) if spec.haystack == "noise" else (lambda line: re.fullmatch(NEEDLE, line))
+    for depth in (0.0, 0.5, 1.0):
+        t = builder.build(task, 1536, depth, seed=5)
+        lines = _context(builder.tok.decode(t.prompt_ids)).split("\n")
+        cut = [i for i, line in enumerate(lines) if not (whole(line) or re.fullmatch(NEEDLE, line))]
+        assert len(cut) <= 1 and all(i >= len(lines) - 2 for i in cut), [lines[i] for i in cut]
+        for i in cut:
+            line = lines[i]
+            assert line and (NOISE.startswith(line) if spec.haystack == "noise" else
+                             "One of the special magic ".startswith(line[:25])), line
+
+
+class OtherTokenizer(KeepAlive):
+    """The fake model behind another tokenizer: token ids shifted by 7 (a different vocabulary)."""
+
+    def do_POST(self):
+        if self.path not in ("/tokenize", "/detokenize"):
+            return super().do_POST()
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        if self.path == "/detokenize":
+            return self._send({"prompt": bytes(i - 7 for i in body["tokens"]).decode(errors="replace")})
+        text = chat(body["messages"]) if "messages" in body else \
+            (BOS if body.get("add_special_tokens", True) else "") + body["prompt"]
+        ids = [b + 7 for b in text.encode()]
+        self._send({"count": len(ids), "max_model_len": 8192, "tokens": ids, "token_strs": None})
+
+
+def test_compare_across_tokenizers_goes_through_chat(fake, tmp_path, capsys):
+    """--compare with two tokenizers: completions (token ids) refuses, chat sends every server the same text.
+    (The second server used to decode the first one's ids with its own tokenizer.)"""
+    srv, other = serve(OtherTokenizer)
+    try:
+        argv = ["--base-url", fake, "--compare", other, "--tasks", "niah_single_2", "--lengths", "1024",
+                "--depths", "0,1", "--trials", "2", "--out-dir", str(tmp_path)]
+        assert ruler.main(argv) == 2 and "tokenises differently" in capsys.readouterr().err
+        assert ruler.main([*argv, "--endpoint", "chat"]) == 0
+    finally:
+        srv.shutdown()
+    res = json.loads((tmp_path / "results.json").read_text())
+    for server in ("server1", "server2"):
+        assert res[server]["accuracy"]["niah_single_2"]["1024"] == {"0.0": 1.0, "1.0": 0.0}
+        assert (tmp_path / server / "heatmap_niah_single_2.png").stat().st_size > 1000
+    assert (tmp_path / "accuracy_by_length.png").stat().st_size > 1000
+
+
+def test_run_and_spec_are_the_cli_as_functions(fake):
+    """The surface other scripts call: run() returns one Result per trial in build order; Spec refuses
+    what the CLI refuses."""
+    spec = ruler.Spec(tasks=["niah_single_2"], lengths=[1024], depths=[0, 1], trials=4, seed=10)
+    results = ruler.run(fake, spec)
+    assert [(r.task, r.depth, r.seed, r.score, r.error) for r in results] == [
+        ("niah_single_2", d, s, float(d == 0), None) for d, s in ((0, 10), (1, 11), (0, 12), (1, 13))]
+    assert all(r.prompt_tokens + 128 == 1024 for r in results)
+    assert ruler.by_length(results) == {"niah_single_2": {1024: 0.5}}
+    for bad, message in (({"tasks": ["niah_single_9"]}, "niah_single_9"), ({"depths": [1.5]}, "1.5"),
+                         ({"trials": 0}, "positive"), ({"endpoint": "responses"}, "endpoint"), ({"depths": []}, "one")):
+        with pytest.raises(ValueError, match=message):
+            ruler.Spec(**{"tasks": ["vt"], "lengths": [1024], **bad})
 
 
 def test_loadtest_imports_without_torch():
