@@ -1,7 +1,7 @@
 """Recalibrate a pretrained RoPE model into a DroPE checkpoint the server loads as is.
 
-    python -m recalibration.run --preset tiny                                  # CPU, minutes
-    python -m recalibration.run --preset smollm2-135m --max-steps 400          # CPU, hours
+    python -m recalibration.run --preset tiny                                  # CPU, about a minute
+    python -m recalibration.run --preset smollm2-135m --max-steps 400          # CPU, ~40 min (5.7 s a step)
     python -m recalibration.run --preset tiny --resume                         # continue after a crash
     accelerate launch --config_file recalibration/fsdp.yaml -m recalibration.run --preset llama2-7b-gpu
 
@@ -19,17 +19,18 @@ or from a JSON file with --config; the resolved config is saved as
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
 import os
 import shutil
 import sys
+from argparse import Namespace, RawDescriptionHelpFormatter
+from dataclasses import dataclass, field, make_dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import PRESETS, RecalibConfig, RecalibConfigError, preset
+from .config import PRESETS, RecalibConfig, RecalibConfigError, cli_flags, preset
 
 log = logging.getLogger("drope.recalib")
 CONFIG_NAME = "recalib_config.json"
@@ -241,46 +242,40 @@ def format_summary(cfg: RecalibConfig, s: dict[str, Any]) -> str:
     ])
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m recalibration.run", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="starting config (default: tiny)")
-    p.add_argument("--config", default=None, help="JSON file with a full config (overrides the preset)")
-    p.add_argument("--base", default=None, help="RoPE checkpoint: directory or hub id")
-    p.add_argument("--output-dir", default=None, help="where checkpoints, logs and final/ go")
-    p.add_argument("--data", default=None, help="text/.jsonl/.parquet path, directory, builtin:essays or a datasets name")
-    p.add_argument("--attention-type", default=None, help="nope, qk_norm_nope, q_norm_nope or k_norm_nope")
-    p.add_argument("--keep-rope", action="store_true", default=None,
-                   help="train the base as it is, RoPE kept (pretrain a RoPE parent); final/ is not DroPE")
-    p.add_argument("--seq-len", type=int, default=None, help="training length in tokens (default: the base's context)")
-    p.add_argument("--max-steps", type=int, default=None, help="optimizer steps")
-    p.add_argument("--token-budget", type=int, default=None, help="training tokens instead of --max-steps")
-    p.add_argument("--micro-batch", type=int, default=None, help="sequences per device per micro-step")
-    p.add_argument("--grad-accum", type=int, default=None, help="micro-steps per optimizer step")
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: 1e-3 with QK-norm, 3e-4 without)")
-    p.add_argument("--precision", default=None, help="auto (bf16 on GPU, fp32 on CPU), fp32 or bf16")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--save-every", type=int, default=None, help="checkpoint interval in steps")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="any other field, e.g. --set optim.weight_decay=0.05 --set data.heldout_docs=4 (JSON values)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its latest checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="replace whatever --output-dir holds")
-    return p
+# ---------------- command line: generated from the config's fields ----------------
+
+@dataclass
+class RunOptions:
+    """Options of the command, not of the run's config."""
+
+    preset: str = field(default="tiny", metadata={"choices": sorted(PRESETS), "help": "starting config (default: tiny)"})
+    config: str | None = field(default=None, metadata={"help": "JSON file with a full config (overrides the preset)"})
+    set: str | None = field(default=None, metadata={
+        "action": "append", "metavar": "KEY=VALUE",
+        "help": "any other field, e.g. --set optim.weight_decay=0.05 --set data.heldout_docs=4 (JSON values)"})
+    resume: bool = field(default=False, metadata={"help": "continue the run in --output-dir from its latest checkpoint"})
+    overwrite: bool = field(default=False, metadata={"help": "replace whatever --output-dir holds"})
 
 
-def config_from_args(args: argparse.Namespace) -> RecalibConfig:
+def build_parser() -> Any:
+    """One option per config field that has a flag (config.doc(..., flag=...)), absent = the preset's value."""
+    from transformers import HfArgumentParser
+
+    flags = make_dataclass("ConfigFlags", [
+        (name, typ | None, field(default=None, metadata={**meta, **({"nargs": "?", "const": True} if typ is bool else {})}))
+        for name, _, typ, meta in cli_flags()])
+    return HfArgumentParser([RunOptions, flags], prog="python -m recalibration.run", description=__doc__,
+                            formatter_class=RawDescriptionHelpFormatter)
+
+
+def config_from_args(args: Namespace) -> RecalibConfig:
     if args.config:
         cfg = RecalibConfig.from_dict(json.loads(Path(args.config).read_text()))
     else:
         kw = {k: v for k, v in (("base", args.base), ("output_dir", args.output_dir), ("source", args.data)) if v}
         cfg = preset(args.preset, **kw)
-    over: dict[str, Any] = {
-        "base": args.base, "output_dir": args.output_dir, "data.source": args.data,
-        "attention_type": args.attention_type, "keep_rope": args.keep_rope, "seq_len": args.seq_len, "max_steps": args.max_steps,
-        "token_budget": args.token_budget, "micro_batch": args.micro_batch, "grad_accum": args.grad_accum,
-        "optim.lr": args.lr, "precision": args.precision, "seed": args.seed, "save_every": args.save_every,
-    }
-    for item in args.set:
+    over: dict[str, Any] = {key: getattr(args, name) for name, key, _, _ in cli_flags()}
+    for item in args.set or []:
         key, sep, value = item.partition("=")
         if not sep:
             raise RecalibConfigError(f"--set wants KEY=VALUE, got {item!r}")

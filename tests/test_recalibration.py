@@ -223,6 +223,29 @@ def test_fsdp_yaml_wraps_the_models_decoder_layers_and_saves_full_weights(tiny_c
     assert plugin.state_dict_type.name == "FULL_STATE_DICT"
 
 
+def test_cli_has_every_flag_and_each_sets_its_config_field():
+    """The command line is generated from the config; this pins the flags people use and where they land."""
+    from recalibration.run import build_parser, config_from_args
+
+    parser = build_parser()
+    options = {o for a in parser._actions for o in a.option_strings}
+    for flag in ("--preset", "--config", "--base", "--output-dir", "--data", "--attention-type", "--keep-rope",
+                 "--seq-len", "--max-steps", "--token-budget", "--micro-batch", "--grad-accum", "--lr", "--precision",
+                 "--seed", "--save-every", "--set", "--resume", "--overwrite"):
+        assert flag in options, flag
+    args = parser.parse_args(["--output-dir", "o", "--data", "d.txt", "--lr", "1e-4", "--keep-rope", "--seq-len", "32",
+                              "--token-budget", "999", "--micro-batch", "3", "--grad-accum", "2", "--precision", "bf16",
+                              "--seed", "7", "--save-every", "5", "--base", "b", "--set", "optim.weight_decay=0.05",
+                              "--set", "data.heldout_docs=4", "--resume"])
+    cfg = config_from_args(args)
+    assert (cfg.output_dir, cfg.data.source, cfg.optim.lr, cfg.keep_rope, cfg.seq_len) == ("o", "d.txt", 1e-4, True, 32)
+    assert (cfg.token_budget, cfg.max_steps, cfg.micro_batch, cfg.grad_accum) == (999, None, 3, 2)
+    assert (cfg.precision, cfg.seed, cfg.save_every, cfg.base) == ("bf16", 7, 5, "b")
+    assert (cfg.optim.weight_decay, cfg.data.heldout_docs, args.resume, args.overwrite) == (0.05, 4, True, False)
+    # Flags not given leave the preset's values.
+    assert config_from_args(parser.parse_args(["--preset", "tiny"])) == preset("tiny")
+
+
 def test_keep_rope_trains_the_base_as_it_is(tmp_path):
     """--keep-rope (pretraining a RoPE parent) trains the plain model: final/ is the base's family, with
     the base's weight names and changed weights; a DroPE attention type alongside it is refused."""
