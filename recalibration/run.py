@@ -1,8 +1,9 @@
 """Recalibrate a pretrained RoPE model into a DroPE checkpoint the server loads as is.
 
-    python -m recalibration.run --preset tiny                                  # CPU, about a minute
-    python -m recalibration.run --preset smollm2-135m --max-steps 400          # CPU, ~40 min (5.7 s a step)
-    python -m recalibration.run --preset tiny --resume                         # continue after a crash
+    python -m recalibration.run --preset tiny                              # CPU, about a minute
+    python -m recalibration.run --preset smollm2-135m --max-steps 400      # CPU, ~40 min (5.7 s a step)
+    python -m recalibration.run --preset tiny --resume                     # continue after a crash
+    torchrun --standalone --nproc_per_node 2 -m recalibration.run --preset tiny          # 2 ranks
     accelerate launch --config_file recalibration/fsdp.yaml -m recalibration.run --preset llama2-7b-gpu
 
 Steps: convert the base checkpoint (RoPE removed, QK-norm weights at 1 if the
@@ -103,135 +104,174 @@ def _identity(cfg: RecalibConfig) -> dict[str, Any]:
     return d
 
 
+@dataclass(frozen=True)
+class Layout:
+    """How this process takes part in the run, settled once from the config and the launcher."""
+
+    world_size: int
+    on_gpu: bool
+    bf16: bool
+
+    @property
+    def kind(self) -> str:
+        return "ddp" if self.world_size > 1 else "single"
+
+
+@dataclass(frozen=True)
+class Inputs:
+    base: Path
+    seq_len: int
+    tokenizer: Any
+    data_info: dict[str, int]
+
+
 def train(cfg: RecalibConfig, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
+    layout = settle_layout(cfg)
+    inputs = check_inputs(cfg)
+    dist, out, init = prepare_run_dir(cfg, layout, inputs, resume, overwrite)
+    model = load_model(cfg, init)
+    trainer, ckpts, progress = build_trainer(cfg, layout, inputs, model, out, resume)
+    result = trainer.train(resume_from_checkpoint=ckpts.resume_from)
+    facts = {"world_size": layout.world_size, "layout": layout.kind}
+    return finish(inputs, trainer, ckpts, progress, result, out, dist, facts)
+
+
+def settle_layout(cfg: RecalibConfig) -> Layout:
+    """World size, device and precision."""
     import torch
-    from accelerate import PartialState
-    from transformers import AutoTokenizer, TrainingArguments, set_seed
-    from transformers.trainer_utils import get_last_checkpoint
+
+    on_gpu = torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU", "").lower() not in ("1", "true")
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size > 1 and not on_gpu and os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        log.warning("FSDP config on CPU: accelerate runs it as plain data parallel (DDP, gloo); "
+                    "it enables FSDP for accelerator devices only")
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and on_gpu)
+    return Layout(world_size=world_size, on_gpu=on_gpu, bf16=bf16)
+
+
+def check_inputs(cfg: RecalibConfig) -> Inputs:
+    """Everything that can be wrong with the inputs, checked before the output directory is touched."""
+    from transformers import AutoTokenizer
 
     from model_patches.config import DropeConfig, is_drope_config, read_config_json
-    from model_patches.convert import convert
-    from model_patches.reference import load_reference
 
-    from .data import PackedTrainData, check_data, heldout_tokens, pack
-    from .trainer import DATA_STATE, AtomicCheckpointTrainer, ProgressLog
+    from .data import check_data
 
-    # Everything that can be wrong with the inputs is checked before the output directory is touched.
     base = resolve_base(cfg.base)
     base_cfg = read_config_json(base)
-    seq_len = cfg.seq_len or (DropeConfig.from_hf_config(base_cfg).train_context if is_drope_config(base_cfg)
+    drope = is_drope_config(base_cfg)
+    seq_len = cfg.seq_len or (DropeConfig.from_hf_config(base_cfg).train_context if drope
                               else base_cfg.get("max_position_embeddings"))
     if not seq_len:
         raise RecalibConfigError(f"{base} states no context length; pass --seq-len")
     tokenizer = AutoTokenizer.from_pretrained(base)
     data_info = check_data(cfg.data, tokenizer, seq_len)
-    on_gpu = torch.cuda.is_available()
+    return Inputs(base=base, seq_len=seq_len, tokenizer=tokenizer, data_info=data_info)
+
+
+def prepare_run_dir(cfg: RecalibConfig, layout: Layout, inputs: Inputs, resume: bool,
+                    overwrite: bool) -> tuple[Any, Path, Path]:
+    """The output directory checked by every rank, then written by rank 0 (config, converted init)."""
+    from accelerate import PartialState
+
+    from model_patches.config import is_drope_config, read_config_json
+    from model_patches.convert import convert
+
     # Under torchrun / accelerate launch every rank runs this; only rank 0 writes, after all agree.
-    dist = PartialState(cpu=not on_gpu)
+    dist = PartialState(cpu=not layout.on_gpu)
     out = prepare_output(cfg, resume, overwrite, write=False)
     dist.wait_for_everyone()
-    init = base if is_drope_config(base_cfg) or cfg.keep_rope else out / "init"
+    init = inputs.base if is_drope_config(read_config_json(inputs.base)) or cfg.keep_rope else out / "init"
     if dist.is_main_process:
         prepare_output(cfg, resume, overwrite)
         cfg.save(out / CONFIG_NAME)
         if not (init / "config.json").exists():
-            convert(base, init, attention_type=cfg.attention_type, train_context=seq_len, overwrite=True)
+            convert(inputs.base, init, attention_type=cfg.attention_type, train_context=inputs.seq_len, overwrite=True)
     dist.wait_for_everyone()
-    if dist.num_processes > 1 and not on_gpu and os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
-        log.warning("FSDP config on CPU: accelerate runs it as plain data parallel (DDP, gloo); "
-                    "it enables FSDP for accelerator devices only")
+    return dist, out, init
 
-    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and on_gpu)
+
+def load_model(cfg: RecalibConfig, init: Path) -> Any:
+    """fp32 master weights always: bf16 runs under autocast (Trainer bf16=True), so updates smaller
+    than bf16's resolution are not rounded away."""
+    import torch
+    from transformers import set_seed
+
+    from model_patches.reference import load_reference
+
     set_seed(cfg.seed)
-    # fp32 master weights always: bf16 runs under autocast (Trainer bf16=True, or FSDP's mixed
-    # precision), so updates smaller than bf16's resolution are not rounded away.
     model = load_reference(init, dtype=torch.float32)
     model.train()
-    world_size = dist.num_processes
-    steps = cfg.steps(seq_len, world_size)
-    tokens_per_step = cfg.tokens_per_step(seq_len, world_size)
-    held = heldout_tokens(cfg.data, tokenizer)
-    # Global batches, so the held-out set is the same for any number of ranks.
-    eval_seqs = list(pack(iter([held]), seq_len))[: cfg.eval_batches * cfg.micro_batch * world_size]
-    eval_data = [{"input_ids": torch.tensor(s), "labels": torch.tensor(s)} for s in eval_seqs]
+    return model
+
+
+def build_trainer(cfg: RecalibConfig, layout: Layout, inputs: Inputs, model: Any, out: Path,
+                  resume: bool) -> tuple[Any, Any, Any]:
+    import torch
+    from transformers import Trainer
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from .data import PackedTrainData, heldout_tokens, pack
+    from .trainer import DATA_STATE, Checkpoints, ProgressLog, check_resumable, training_args
+
+    seq_len, world = inputs.seq_len, layout.world_size
+    steps = cfg.steps(seq_len, world)
     ckpt_dir = out / "checkpoints"
     last = get_last_checkpoint(str(ckpt_dir)) if resume and ckpt_dir.exists() else None
-    saved_data = Path(last) / DATA_STATE if last else None
-    seek = bool(saved_data and saved_data.exists())
-
-    args = TrainingArguments(
-        output_dir=str(ckpt_dir),
-        max_steps=steps,
-        per_device_train_batch_size=cfg.micro_batch,
-        per_device_eval_batch_size=cfg.micro_batch,
-        gradient_accumulation_steps=cfg.grad_accum,
-        learning_rate=cfg.lr,
-        adam_beta1=cfg.optim.betas[0],
-        adam_beta2=cfg.optim.betas[1],
-        weight_decay=cfg.optim.weight_decay,
-        warmup_steps=math.ceil(cfg.optim.warmup_ratio * steps),
-        lr_scheduler_type=cfg.optim.schedule,
-        max_grad_norm=cfg.optim.grad_clip,
-        bf16=bf16,
-        seed=cfg.seed,
-        data_seed=cfg.seed,
-        save_strategy="steps",
-        save_steps=cfg.save_every,
-        save_total_limit=cfg.save_total_limit,
-        eval_strategy="steps" if cfg.eval_every else "no",
-        eval_steps=cfg.eval_every or None,
-        logging_steps=cfg.log_every,
-        report_to=[],
-        use_cpu=not on_gpu,
-        dataloader_num_workers=0,
-        remove_unused_columns=False,
-        disable_tqdm=not sys.stderr.isatty(),
-        ignore_data_skip=seek,  # the stream seeks by itself; no replay
-        # Held-out loss before training, from inside train(): a trainer.evaluate() before train()
-        # prepares the model unwrapped, and train() then runs multi-process without DDP (ranks drift apart).
-        eval_on_start=last is None,
-    )
-    train_data = PackedTrainData(cfg.data, tokenizer, seq_len, cfg.seed)
-    progress = ProgressLog(tokens_per_step)
-    trainer = AtomicCheckpointTrainer(
-        model=model, args=args, train_dataset=train_data, eval_dataset=eval_data, callbacks=[progress],
-    )
-    # Snapshot the stream at every optimizer step's boundary, so a checkpoint can record where it is.
-    train_data.snapshot_every = trainer.sequences_per_step()
-    if seek:
-        saved = json.loads(saved_data.read_text())
+    train_data = PackedTrainData(cfg.data, inputs.tokenizer, seq_len, cfg.seed)
+    data_start = (0, 0)
+    if last:
+        check_resumable(Path(last))
+        saved = json.loads((Path(last) / DATA_STATE).read_text())
         train_data.load_state_dict(saved["stream"])
-        trainer.data_start = (saved["step"], train_data.start.sequences)
-    if resume and not last:
-        log.info("resuming from the start (no complete checkpoint yet)")
+        data_start = (saved["step"], train_data.start.sequences)
+        log.info("resuming from %s; data: seeking to sequence %d (epoch %d)", last, train_data.start.sequences,
+                 train_data.start.epoch)
     elif resume:
-        log.info("resuming from %s; data: %s", last,
-                 f"seeking to sequence {train_data.start.sequences} (epoch {train_data.start.epoch})" if seek
-                 else "replaying the consumed batches (the checkpoint records no stream position)")
-    result = trainer.train(resume_from_checkpoint=last)
+        log.info("resuming from the start (no complete checkpoint yet)")
+    # Held-out sequences in global batches, so the held-out set is the same for any number of ranks.
+    held = heldout_tokens(cfg.data, inputs.tokenizer)
+    eval_seqs = list(pack(iter([held]), seq_len))[: cfg.eval_batches * cfg.micro_batch * world]
+    eval_data = [{"input_ids": torch.tensor(s), "labels": torch.tensor(s)} for s in eval_seqs]
+    args = training_args(cfg, ckpt_dir, steps=steps, bf16=layout.bf16, on_gpu=layout.on_gpu, seek=last is not None,
+                         first_run=last is None)
+    ckpts = Checkpoints(ckpt_dir, train_data, cfg.save_total_limit, resume_from=last, data_start=data_start)
+    progress = ProgressLog(cfg.tokens_per_step(seq_len, world))
+    trainer = Trainer(model=model, args=args, train_dataset=train_data, eval_dataset=eval_data,
+                      callbacks=[ckpts, progress])
+    # Snapshot the stream at every optimizer step's boundary, so a checkpoint can record where it is.
+    train_data.snapshot_every = ckpts.sequences_per_step(args)
+    return trainer, ckpts, progress
+
+
+def finish(inputs: Inputs, trainer: Any, ckpts: Any, progress: Any, result: Any, out: Path, dist: Any,
+           facts: dict[str, Any]) -> dict[str, Any]:
+    """Held-out loss, final/ (full weights and tokenizer: what the server loads) and summary.json."""
     final_eval = trainer.evaluate()["eval_loss"]
     first_eval = next((h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h), None)
-
     final = out / "final"
-    trainer.save_model(str(final))  # every rank: under FSDP the full weights are gathered to rank 0
+    trainer.save_model(str(final))  # every rank: sharded weights are gathered to rank 0
     summary = {
-        "steps": trainer.state.global_step, "seq_len": seq_len, "tokens_trained": trainer.sequences_consumed() * seq_len,
+        "steps": trainer.state.global_step, "seq_len": inputs.seq_len,
+        "tokens_trained": ckpts.sequences_consumed(trainer.args, trainer.state.global_step) * inputs.seq_len,
         "train_loss": result.training_loss, "heldout_loss_start": first_eval, "heldout_loss_end": final_eval,
         "heldout_ppl_end": math.exp(final_eval), "tokens_per_s": progress.last.get("tokens_per_s"),
-        "final_checkpoint": str(final), "world_size": world_size,
-        "loss_curve": [[h["step"], h["loss"]] for h in trainer.state.log_history if "loss" in h], **data_info,
+        "final_checkpoint": str(final), **facts,
+        "loss_curve": [[h["step"], h["loss"]] for h in trainer.state.log_history if "loss" in h], **inputs.data_info,
     }
     if dist.is_main_process:
-        tokenizer.save_pretrained(str(final))
+        inputs.tokenizer.save_pretrained(str(final))
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 
 def format_summary(cfg: RecalibConfig, s: dict[str, Any]) -> str:
     start = f"{s['heldout_loss_start']:.4f} -> " if s.get("heldout_loss_start") is not None else ""
+    ranks = {"single": "1 process", "ddp": f"{s['world_size']} ranks, replicated (DDP)"}[s["layout"]]
     return "\n".join([
         "", "=" * 18 + " recalibration summary " + "=" * 18,
         f"base            : {cfg.base} ({'RoPE kept' if cfg.keep_rope else cfg.attention_type}, L = {s['seq_len']})",
+        f"layout          : {ranks}",
         f"steps / tokens  : {s['steps']} / {s['tokens_trained']:,}",
         f"held-out loss   : {start}{s['heldout_loss_end']:.4f} (ppl {s['heldout_ppl_end']:.2f})",
         f"speed           : {s['tokens_per_s'] or float('nan'):.0f} training tokens/s",
