@@ -91,6 +91,11 @@ class RecalibConfig:
     eval_batches: int = field(default=4, metadata=doc(
         "held-out batches of micro_batch x ranks sequences (the same sequences for any number of ranks)"))
     log_every: int = field(default=10, metadata=doc("log interval in optimizer steps"))
+    fsdp: bool = field(default=False, metadata=doc(
+        "shard parameters, gradients and optimizer state over the ranks (FSDP2, on CPU and GPU alike); "
+        "on by itself under an accelerate FSDP config (recalibration/fsdp.yaml)", flag=True))
+    gradient_checkpointing: bool = field(default=False, metadata=doc(
+        "recompute each decoder layer's activations in the backward pass (memory for compute)"))
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
 
@@ -213,10 +218,12 @@ def smollm_360m_gpu(output_dir: str = "runs/smollm-360m-drope", base: str = "", 
 
 
 def llama2_7b_gpu(output_dir: str = "runs/llama2-7b-drope", base: str = "", source: str = "") -> RecalibConfig:
-    """Multi-GPU (FSDP), paper-like: Llama-2-7B, QK-norm, L=4096, ~20B tokens (~1% of 2T), lr 1e-3."""
+    """Multi-GPU (FSDP, activation checkpointing), paper-like: Llama-2-7B, QK-norm, L=4096, ~20B tokens (~1% of 2T),
+    lr 1e-3. ``--dry-run 8`` prints its sharding plan and memory per rank."""
     return RecalibConfig(base=base or "meta-llama/Llama-2-7b-hf", output_dir=output_dir,
                          attention_type="qk_norm_nope", seq_len=4096, token_budget=20_000_000_000, micro_batch=2,
-                         grad_accum=8, precision="bf16", save_every=500, eval_every=1000,
+                         grad_accum=8, precision="bf16", save_every=500, eval_every=1000, fsdp=True,
+                         gradient_checkpointing=True,
                          data=DataConfig(source=source or "HuggingFaceFW/fineweb-edu", shuffle_buffer=10_000),
                          optim=OptimConfig(lr=1e-3, warmup_ratio=0.01))
 

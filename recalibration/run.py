@@ -3,8 +3,9 @@
     python -m recalibration.run --preset tiny                              # CPU, about a minute
     python -m recalibration.run --preset smollm2-135m --max-steps 400      # CPU, ~40 min (5.7 s a step)
     python -m recalibration.run --preset tiny --resume                     # continue after a crash
-    torchrun --standalone --nproc_per_node 2 -m recalibration.run --preset tiny          # 2 ranks
+    torchrun --standalone --nproc_per_node 2 -m recalibration.run --preset tiny --fsdp   # 2 ranks, sharded
     accelerate launch --config_file recalibration/fsdp.yaml -m recalibration.run --preset llama2-7b-gpu
+    python -m recalibration.run --preset llama2-7b-gpu --dry-run 8         # its sharding plan on 8 GPUs
 
 Steps: convert the base checkpoint (RoPE removed, QK-norm weights at 1 if the
 variant has them), train the transformers reference model at the base's own
@@ -12,6 +13,11 @@ context length with AdamW + warmup + cosine decay, checkpoint atomically every
 --save-every steps, evaluate held-out loss, and write <output>/final: a DroPE
 checkpoint with tokenizer that ``drope-server --model <output>/final`` serves.
 Fit beta afterwards with ``python -m recalibration.fit_beta <output>/final``.
+
+Several ranks (torchrun or accelerate launch) train data parallel; with --fsdp (or an
+accelerate FSDP config) parameters, gradients and optimizer state are sharded over them
+(FSDP2, the same code on CPU and GPU). The sharding plan and memory per rank are logged
+before training; --dry-run prints them and stops.
 
 Any config field can be set with --set key=value (dotted for data.* and optim.*),
 or from a JSON file with --config; the resolved config is saved as
@@ -31,14 +37,17 @@ from dataclasses import dataclass, field, make_dataclass
 from pathlib import Path
 from typing import Any
 
+from model_patches.config import DropeConfigError
+
 from .config import PRESETS, RecalibConfig, RecalibConfigError, cli_flags, preset
 
 log = logging.getLogger("drope.recalib")
 CONFIG_NAME = "recalib_config.json"
 
 
-def resolve_base(base: str) -> Path:
-    """A local directory, the packaged SmolLM2, a tiny random model, or a hub id (downloaded)."""
+def resolve_base(base: str, *, weights: bool = True) -> Path:
+    """A local directory, the packaged SmolLM2, a tiny random model, or a hub id (downloaded; without
+    weights=True only its config and tokenizer, enough for a dry run)."""
     if base == "tiny":
         from model_patches.assets import cache_root
         from model_patches.tiny import build_tiny_checkpoint
@@ -63,7 +72,8 @@ def resolve_base(base: str) -> Path:
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(base, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]))
+        files = ["*.json", "*.model", "*.txt", "*.jinja", *(["*.safetensors"] if weights else [])]
+        return Path(snapshot_download(base, allow_patterns=files))
     except Exception as e:
         raise RecalibConfigError(f"base {base!r} is not a local directory and could not be downloaded: {e}") from None
 
@@ -97,9 +107,10 @@ def prepare_output(cfg: RecalibConfig, resume: bool, overwrite: bool, write: boo
 
 
 def _identity(cfg: RecalibConfig) -> dict[str, Any]:
-    # What must match to continue a run: everything but the length of training.
+    # What must match to continue a run: everything but the length of training and the layout over ranks.
     d = cfg.to_dict()
-    for k in ("max_steps", "token_budget", "save_every", "save_total_limit", "eval_every", "log_every"):
+    for k in ("max_steps", "token_budget", "save_every", "save_total_limit", "eval_every", "log_every", "fsdp",
+              "gradient_checkpointing"):
         d.pop(k)
     return d
 
@@ -110,11 +121,13 @@ class Layout:
 
     world_size: int
     on_gpu: bool
+    fsdp: bool
+    """Shard over the ranks (FSDP2): --fsdp, or an accelerate FSDP config."""
     bf16: bool
 
     @property
     def kind(self) -> str:
-        return "ddp" if self.world_size > 1 else "single"
+        return "fsdp" if self.fsdp and self.world_size > 1 else "ddp" if self.world_size > 1 else "single"
 
 
 @dataclass(frozen=True)
@@ -122,42 +135,60 @@ class Inputs:
     base: Path
     seq_len: int
     tokenizer: Any
+    model_config: Any
+    """The model that will be trained (DroPE-converted unless keep_rope), for the sharding plan."""
     data_info: dict[str, int]
 
 
-def train(cfg: RecalibConfig, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
-    layout = settle_layout(cfg)
-    inputs = check_inputs(cfg)
+def train(cfg: RecalibConfig, resume: bool = False, overwrite: bool = False,
+          dry_run: int | None = None) -> dict[str, Any]:
+    """One recalibration run; with dry_run=N (0: the launcher's world size) only its checks and plan."""
+    layout = settle_layout(cfg, world_size=dry_run or None)
+    inputs = check_inputs(cfg, weights=dry_run is None)
+    plan = sharding_plan(cfg, layout, inputs)
+    if dry_run is not None:
+        prepare_output(cfg, resume, overwrite, write=False)
+        return {"dry_run": True, "world_size": layout.world_size, "layout": layout.kind, "plan": plan}
+    if int(os.environ.get("RANK", "0")) == 0:
+        log.info("%s", plan.describe())
     dist, out, init = prepare_run_dir(cfg, layout, inputs, resume, overwrite)
-    model = load_model(cfg, init)
+    model, params = load_model(cfg, init, layout)
+    facts = report_layout(layout, plan, params)
     trainer, ckpts, progress = build_trainer(cfg, layout, inputs, model, out, resume)
     result = trainer.train(resume_from_checkpoint=ckpts.resume_from)
-    facts = {"world_size": layout.world_size, "layout": layout.kind}
     return finish(inputs, trainer, ckpts, progress, result, out, dist, facts)
 
 
-def settle_layout(cfg: RecalibConfig) -> Layout:
-    """World size, device and precision."""
+def settle_layout(cfg: RecalibConfig, world_size: int | None = None) -> Layout:
+    """World size, device, FSDP and precision; the launcher's environment made to agree with them."""
     import torch
 
     on_gpu = torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU", "").lower() not in ("1", "true")
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size > 1 and not on_gpu and os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
-        log.warning("FSDP config on CPU: accelerate runs it as plain data parallel (DDP, gloo); "
-                    "it enables FSDP for accelerator devices only")
+    # accelerate launch with an FSDP config asks for FSDP by this variable. The sharding is ours
+    # (sharding.py, on every device type), so accelerate must not apply its own on GPUs as well
+    # (nor transformers its accelerate-FSDP loading, which leaves the weights on rank 0 only).
+    fsdp = os.environ.pop("ACCELERATE_USE_FSDP", "false").lower() == "true" or cfg.fsdp
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and on_gpu)
-    return Layout(world_size=world_size, on_gpu=on_gpu, bf16=bf16)
+    # --precision decides: a launcher's mixed_precision (accelerate config) would otherwise turn
+    # on autocast behind it (TrainingArguments reads this variable when bf16 is off).
+    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if launcher != "no" and not (launcher == "bf16" and bf16):
+        log.warning("accelerate's mixed_precision %r is overridden by --precision %s (%s)", launcher, cfg.precision,
+                    "bf16" if bf16 else "fp32")
+    os.environ["ACCELERATE_MIXED_PRECISION"] = "bf16" if bf16 else "no"
+    return Layout(world_size=world_size or int(os.environ.get("WORLD_SIZE", "1")), on_gpu=on_gpu, fsdp=fsdp, bf16=bf16)
 
 
-def check_inputs(cfg: RecalibConfig) -> Inputs:
+def check_inputs(cfg: RecalibConfig, weights: bool = True) -> Inputs:
     """Everything that can be wrong with the inputs, checked before the output directory is touched."""
-    from transformers import AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
-    from model_patches.config import DropeConfig, is_drope_config, read_config_json
+    import model_patches.reference  # noqa: F401  (registers the DroPE configs with AutoConfig)
+    from model_patches.config import FAMILIES, PARENT_TO_DROPE, DropeConfig, is_drope_config, read_config_json
 
     from .data import check_data
 
-    base = resolve_base(cfg.base)
+    base = resolve_base(cfg.base, weights=weights)
     base_cfg = read_config_json(base)
     drope = is_drope_config(base_cfg)
     seq_len = cfg.seq_len or (DropeConfig.from_hf_config(base_cfg).train_context if drope
@@ -166,7 +197,26 @@ def check_inputs(cfg: RecalibConfig) -> Inputs:
         raise RecalibConfigError(f"{base} states no context length; pass --seq-len")
     tokenizer = AutoTokenizer.from_pretrained(base)
     data_info = check_data(cfg.data, tokenizer, seq_len)
-    return Inputs(base=base, seq_len=seq_len, tokenizer=tokenizer, data_info=data_info)
+    if drope or cfg.keep_rope:
+        model_config = AutoConfig.from_pretrained(base)
+    else:  # what convert() will write, so that the plan needs no weights
+        parent = base_cfg.get("model_type")
+        if parent not in PARENT_TO_DROPE:
+            raise RecalibConfigError(f"model_type {parent!r} cannot be converted to DroPE; expected one of "
+                                     f"{', '.join(sorted(PARENT_TO_DROPE))}")
+        model_type = PARENT_TO_DROPE[parent]
+        drope_fields = DropeConfig(train_context=seq_len, attention_type=cfg.attention_type).to_hf_fields()
+        model_config = AutoConfig.for_model(**{**base_cfg, "model_type": model_type,
+                                               "architectures": [FAMILIES[model_type][0]], **drope_fields})
+    return Inputs(base=base, seq_len=seq_len, tokenizer=tokenizer, model_config=model_config, data_info=data_info)
+
+
+def sharding_plan(cfg: RecalibConfig, layout: Layout, inputs: Inputs) -> Any:
+    from . import sharding
+
+    return sharding.plan(sharding.meta_model(inputs.model_config), fsdp=layout.fsdp, world_size=layout.world_size,
+                         bf16=layout.bf16, micro_batch=cfg.micro_batch, seq_len=inputs.seq_len,
+                         gradient_checkpointing=cfg.gradient_checkpointing)
 
 
 def prepare_run_dir(cfg: RecalibConfig, layout: Layout, inputs: Inputs, resume: bool,
@@ -191,18 +241,34 @@ def prepare_run_dir(cfg: RecalibConfig, layout: Layout, inputs: Inputs, resume: 
     return dist, out, init
 
 
-def load_model(cfg: RecalibConfig, init: Path) -> Any:
-    """fp32 master weights always: bf16 runs under autocast (Trainer bf16=True), so updates smaller
-    than bf16's resolution are not rounded away."""
+def load_model(cfg: RecalibConfig, init: Path, layout: Layout) -> tuple[Any, list[int]]:
+    """fp32 master weights (bf16 runs under autocast, and FSDP gathers in bf16), sharded under FSDP;
+    and the parameters each rank holds."""
     import torch
+    from accelerate.utils import gather_object
     from transformers import set_seed
 
     from model_patches.reference import load_reference
 
+    from . import sharding
+
     set_seed(cfg.seed)
-    model = load_reference(init, dtype=torch.float32)
+    if layout.kind == "fsdp":
+        model = sharding.load_sharded(init, world_size=layout.world_size, bf16=layout.bf16)
+    else:
+        model = load_reference(init, dtype=torch.float32)
     model.train()
-    return model
+    return model, gather_object([sharding.local_parameters(model)])
+
+
+def report_layout(layout: Layout, plan: Any, params: list[int]) -> dict[str, Any]:
+    """Say how the model is laid out over the ranks, measured; the summary's record of it."""
+    if layout.kind == "fsdp":
+        log.info("model sharded (FSDP2) over %d ranks: %s of %s parameters per rank%s", layout.world_size,
+                 " / ".join(f"{n:,}" for n in params), f"{plan.total:,}",
+                 "" if params == plan.per_rank else f" (the plan said {plan.per_rank})")
+    return {"world_size": layout.world_size, "layout": layout.kind, "parameters": plan.total,
+            "parameters_per_rank": params, "parameters_per_rank_planned": plan.per_rank}
 
 
 def build_trainer(cfg: RecalibConfig, layout: Layout, inputs: Inputs, model: Any, out: Path,
@@ -266,8 +332,12 @@ def finish(inputs: Inputs, trainer: Any, ckpts: Any, progress: Any, result: Any,
 
 
 def format_summary(cfg: RecalibConfig, s: dict[str, Any]) -> str:
+    if s.get("dry_run"):
+        return s["plan"].describe()
     start = f"{s['heldout_loss_start']:.4f} -> " if s.get("heldout_loss_start") is not None else ""
-    ranks = {"single": "1 process", "ddp": f"{s['world_size']} ranks, replicated (DDP)"}[s["layout"]]
+    ranks = {"single": "1 process", "ddp": f"{s['world_size']} ranks, replicated (DDP)",
+             "fsdp": f"{s['world_size']} ranks, sharded (FSDP2): {s['parameters_per_rank'][0]:,} of "
+                     f"{s['parameters']:,} parameters on rank 0"}[s["layout"]]
     return "\n".join([
         "", "=" * 18 + " recalibration summary " + "=" * 18,
         f"base            : {cfg.base} ({'RoPE kept' if cfg.keep_rope else cfg.attention_type}, L = {s['seq_len']})",
@@ -295,6 +365,10 @@ class RunOptions:
         "help": "any other field, e.g. --set optim.weight_decay=0.05 --set data.heldout_docs=4 (JSON values)"})
     resume: bool = field(default=False, metadata={"help": "continue the run in --output-dir from its latest checkpoint"})
     overwrite: bool = field(default=False, metadata={"help": "replace whatever --output-dir holds"})
+    dry_run: int | None = field(default=None, metadata={
+        "nargs": "?", "const": 0, "metavar": "RANKS",
+        "help": "check everything, print the sharding plan and memory per rank for RANKS ranks (default: the "
+                "launcher's), write nothing, stop"})
 
 
 def build_parser() -> Any:
@@ -327,14 +401,20 @@ def config_from_args(args: Namespace) -> RecalibConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .launch import accelerate_cpu_launch, relaunch
+
     rank0 = int(os.environ.get("RANK", "0")) == 0  # torchrun / accelerate launch: one log, one summary
     logging.basicConfig(level=logging.INFO if rank0 else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:
         cfg = config_from_args(args)
-        summary = train(cfg, resume=args.resume, overwrite=args.overwrite)
-    except (RecalibConfigError, FileNotFoundError) as e:
+        cpu_launch = accelerate_cpu_launch()
+        if cpu_launch and args.dry_run is None:
+            relaunch(cpu_launch)  # does not return
+        dry_run = cpu_launch.ranks if cpu_launch and args.dry_run == 0 else args.dry_run
+        summary = train(cfg, resume=args.resume, overwrite=args.overwrite, dry_run=dry_run)
+    except (RecalibConfigError, DropeConfigError, FileNotFoundError) as e:
         print(f"recalibration.run: error: {e}", file=sys.stderr)
         return 2
     if rank0:

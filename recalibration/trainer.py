@@ -2,7 +2,8 @@
 
 Same code on one CPU and on N ranks: launched plainly it uses one process (all of a node's GPUs
 through nn.DataParallel, as the Trainer does); under ``torchrun`` / ``accelerate launch`` the
-Trainer picks up the distributed environment (replicated, DDP).
+Trainer picks up the distributed environment, replicated (DDP) or, for a model sharded at load
+time (recalibration/sharding.py), FSDP2.
 
 A checkpoint is the Trainer's (model weights, full even when sharded, and trainer_state.json;
 ``save_only_model``) completed by ``Checkpoints`` with the rest, in one format for every layout:
@@ -52,6 +53,7 @@ def training_args(cfg: RecalibConfig, run_dir: Path, *, steps: int, bf16: bool, 
         per_device_train_batch_size=cfg.micro_batch,
         per_device_eval_batch_size=cfg.micro_batch,
         gradient_accumulation_steps=cfg.grad_accum,
+        gradient_checkpointing=cfg.gradient_checkpointing,
         learning_rate=cfg.lr,
         adam_beta1=cfg.optim.betas[0],
         adam_beta2=cfg.optim.betas[1],
