@@ -4,7 +4,7 @@ against one process: the data split between ranks, the loss curve and weights of
 optimizer state, a servable checkpoint, kill -9 of one rank and an exact resume, a resume on another
 number of ranks. The stream tests (not slow) check that resuming seeks instead of replaying the data.
 
-    python -m pytest tests/test_recalib_distributed.py            # slow: about 10 minutes on 2 cores
+    python -m pytest tests/test_recalib_distributed.py            # slow ones: about 4 minutes on 2 cores
 """
 
 from __future__ import annotations
