@@ -10,9 +10,9 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, get_type_hints
 
 from model_patches.config import ATTENTION_TYPES
 
@@ -21,16 +21,22 @@ class RecalibConfigError(ValueError):
     pass
 
 
+def doc(help: str, *, flag: bool | str = False, **argparse_kw: Any) -> dict[str, Any]:
+    """Field metadata: its help text and, with flag, a command-line option of its own (the field name in
+    kebab-case, or the given name). run.py builds the CLI from these, so each option is defined once, here."""
+    return {"help": help, "flag": flag, **argparse_kw}
+
+
 @dataclass(frozen=True)
 class DataConfig:
-    source: str = ""
-    """Local .txt file or directory of .txt/.md files, .jsonl (a 'text' field), .parquet, or a HF datasets name."""
-    text_field: str = "text"
-    split: str = "train"
-    heldout_docs: int = 2
-    """The first N documents of the source (local or hub stream, in reading order) are held out for evaluation."""
-    shuffle_buffer: int = 0
-    """Documents shuffled within a seeded buffer of this many (0: file order)."""
+    source: str = field(default="", metadata=doc(
+        "text/.md file or directory, .jsonl, .parquet, builtin:essays or a Hugging Face datasets name", flag="data"))
+    text_field: str = field(default="text", metadata=doc("the text column of .jsonl / .parquet / hub sources"))
+    split: str = field(default="train", metadata=doc("split of a hub dataset"))
+    heldout_docs: int = field(default=2, metadata=doc(
+        "the first N documents of the source (in reading order) are held out for evaluation"))
+    shuffle_buffer: int = field(default=0, metadata=doc(
+        "documents shuffled within consecutive seeded windows of this many, a new order each epoch (0: file order)"))
 
     def __post_init__(self) -> None:
         if not self.source:
@@ -41,13 +47,13 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    lr: float | None = None
-    """Peak learning rate; None: the paper's default, 1e-3 with QK-norm, 3e-4 without."""
-    betas: tuple[float, float] = (0.9, 0.95)
-    weight_decay: float = 0.1
-    warmup_ratio: float = 0.05
-    schedule: str = "cosine"
-    grad_clip: float = 1.0
+    lr: float | None = field(default=None, metadata=doc(
+        "peak learning rate (default: 1e-3 with QK-norm, 3e-4 without, as in the paper)", flag="lr"))
+    betas: tuple[float, float] = field(default=(0.9, 0.95), metadata=doc("AdamW betas"))
+    weight_decay: float = field(default=0.1, metadata=doc("AdamW weight decay"))
+    warmup_ratio: float = field(default=0.05, metadata=doc("warmup steps as a fraction of all steps"))
+    schedule: str = field(default="cosine", metadata=doc("cosine, linear or constant_with_warmup"))
+    grad_clip: float = field(default=1.0, metadata=doc("gradient norm clip"))
 
     def __post_init__(self) -> None:
         if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
@@ -60,31 +66,36 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class RecalibConfig:
-    base: str = ""
-    """Pretrained RoPE checkpoint: local directory or hub id (or an already-converted DroPE checkpoint)."""
-    output_dir: str = ""
-    attention_type: str = "nope"
-    keep_rope: bool = False
-    """Train the base as it is, RoPE kept (pretraining or continued training of a RoPE parent, e.g. the
-    micro experiment's parents); final/ is then a plain checkpoint of the base's family, not DroPE."""
-    seq_len: int | None = None
-    """Training sequence length; None: the base model's training context (max_position_embeddings)."""
-    max_steps: int | None = None
-    token_budget: int | None = None
-    """Alternative to max_steps: tokens to train on, over all ranks (steps = budget / global tokens per step)."""
-    micro_batch: int = 1
-    grad_accum: int = 1
-    precision: str = "auto"
-    """auto (bf16 on GPU, fp32 on CPU), fp32 or bf16."""
-    seed: int = 0
-    save_every: int = 50
-    """Checkpoint interval in optimizer steps."""
-    save_total_limit: int = 2
-    eval_every: int = 0
-    """Held-out loss every N steps (0: only at the end)."""
-    eval_batches: int = 4
-    """Held-out batches of micro_batch x ranks sequences (the same sequences for any number of ranks)."""
-    log_every: int = 10
+    base: str = field(default="", metadata=doc(
+        "pretrained RoPE checkpoint: directory or hub id (or an already-converted DroPE checkpoint)", flag=True))
+    output_dir: str = field(default="", metadata=doc("where checkpoints, logs and final/ go", flag=True))
+    attention_type: str = field(default="nope", metadata=doc(
+        f"DroPE attention: {', '.join(ATTENTION_TYPES)}", flag=True))
+    keep_rope: bool = field(default=False, metadata=doc(
+        "train the base as it is, RoPE kept (pretraining a RoPE parent, e.g. the micro experiment's); "
+        "final/ is then a plain checkpoint of the base's family, not DroPE", flag=True))
+    seq_len: int | None = field(default=None, metadata=doc(
+        "training length in tokens (default: the base's context, max_position_embeddings)", flag=True))
+    max_steps: int | None = field(default=None, metadata=doc("optimizer steps", flag=True))
+    token_budget: int | None = field(default=None, metadata=doc(
+        "training tokens over all ranks, instead of --max-steps (steps = budget / global tokens per step)", flag=True))
+    micro_batch: int = field(default=1, metadata=doc("sequences per rank per micro-step", flag=True))
+    grad_accum: int = field(default=1, metadata=doc("micro-steps per optimizer step", flag=True))
+    precision: str = field(default="auto", metadata=doc(
+        "auto (bf16 on GPU, fp32 on CPU), fp32 or bf16; bf16 computes in bf16 and keeps fp32 master weights",
+        flag=True))
+    seed: int = field(default=0, metadata=doc("seed of the model's training and of the data shuffle", flag=True))
+    save_every: int = field(default=50, metadata=doc("checkpoint interval in optimizer steps", flag=True))
+    save_total_limit: int = field(default=2, metadata=doc("checkpoints kept"))
+    eval_every: int = field(default=0, metadata=doc("held-out loss every N steps (0: only at the start and end)"))
+    eval_batches: int = field(default=4, metadata=doc(
+        "held-out batches of micro_batch x ranks sequences (the same sequences for any number of ranks)"))
+    log_every: int = field(default=10, metadata=doc("log interval in optimizer steps"))
+    fsdp: bool = field(default=False, metadata=doc(
+        "shard parameters, gradients and optimizer state over the ranks (FSDP2, on CPU and GPU alike); "
+        "on by itself under an accelerate FSDP config (recalibration/fsdp.yaml)", flag=True))
+    gradient_checkpointing: bool = field(default=False, metadata=doc(
+        "recompute each decoder layer's activations in the backward pass (memory for compute)"))
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
 
@@ -167,6 +178,18 @@ class RecalibConfig:
         return RecalibConfig.from_dict(d)
 
 
+def cli_flags() -> list[tuple[str, str, Any, dict[str, Any]]]:
+    """(option name, dotted config key, type, metadata) of every field with a command-line option of its own."""
+    out = []
+    for prefix, cls in (("", RecalibConfig), ("data.", DataConfig), ("optim.", OptimConfig)):
+        hints = get_type_hints(cls)
+        for f in fields(cls):
+            if flag := f.metadata.get("flag"):
+                out.append((f.name if flag is True else flag, prefix + f.name, hints[f.name],
+                            {k: v for k, v in f.metadata.items() if k != "flag"}))
+    return out
+
+
 # ---------------- presets: plain functions returning a config ----------------
 
 def tiny(output_dir: str = "runs/tiny", base: str = "", source: str = "") -> RecalibConfig:
@@ -195,10 +218,12 @@ def smollm_360m_gpu(output_dir: str = "runs/smollm-360m-drope", base: str = "", 
 
 
 def llama2_7b_gpu(output_dir: str = "runs/llama2-7b-drope", base: str = "", source: str = "") -> RecalibConfig:
-    """Multi-GPU (FSDP), paper-like: Llama-2-7B, QK-norm, L=4096, ~20B tokens (~1% of 2T), lr 1e-3."""
+    """Multi-GPU (FSDP, activation checkpointing), paper-like: Llama-2-7B, QK-norm, L=4096, ~20B tokens (~1% of 2T),
+    lr 1e-3. ``--dry-run 8`` prints its sharding plan and memory per rank."""
     return RecalibConfig(base=base or "meta-llama/Llama-2-7b-hf", output_dir=output_dir,
                          attention_type="qk_norm_nope", seq_len=4096, token_budget=20_000_000_000, micro_batch=2,
-                         grad_accum=8, precision="bf16", save_every=500, eval_every=1000,
+                         grad_accum=8, precision="bf16", save_every=500, eval_every=1000, fsdp=True,
+                         gradient_checkpointing=True,
                          data=DataConfig(source=source or "HuggingFaceFW/fineweb-edu", shuffle_buffer=10_000),
                          optim=OptimConfig(lr=1e-3, warmup_ratio=0.01))
 
@@ -214,4 +239,4 @@ def preset(name: str, **kw: Any) -> RecalibConfig:
     return PRESETS[name](**kw)
 
 
-__all__ = ["RecalibConfig", "DataConfig", "OptimConfig", "RecalibConfigError", "PRESETS", "preset", "replace"]
+__all__ = ["RecalibConfig", "DataConfig", "OptimConfig", "RecalibConfigError", "PRESETS", "preset", "cli_flags"]

@@ -1,30 +1,40 @@
-"""Training text: documents streamed from local files or the hub, tokenised, joined with EOS, packed.
+"""Training text: documents streamed through Hugging Face ``datasets``, tokenised, joined with EOS, packed.
 
-Sources: a .txt / .md file, a directory of them (sorted, one document per file),
-.jsonl (one document per line, field ``text_field``), .parquet (column
-``text_field``, read in record batches), ``builtin:essays`` (the Paul Graham
-essays that ship with the project's haystack package), or any other string,
-taken as a Hugging Face datasets name and streamed. Nothing is loaded whole:
-documents are read one at a time and packed on the fly.
+Sources: a .txt / .md file or a directory of them (one document per file: the ``text`` builder with
+``sample_by="document"``), .jsonl (the ``json`` builder, one document per line, field ``text_field``),
+.parquet (the ``parquet`` builder, column ``text_field``), ``builtin:essays`` (the Paul Graham essays
+that ship with the project's haystack package), or any other string, taken as a hub dataset name.
+Every source is streamed, and every document comes with ``datasets``' own ``state_dict()`` just after
+it: a position that ``load_state_dict`` resumes from by skipping the files (shards) already read and
+then the rows of the current one, with nothing re-tokenised.
 
-The first ``heldout_docs`` documents are held out; training sees the rest, so
-the split is the same for every source and needs no pass over the data.
+The first ``heldout_docs`` documents are held out; training sees the rest, so the split is the same for
+every source and needs no pass over the data.
 
-Resuming is O(1) in the data already trained on: every document comes with the
-position just after it (a file index and a byte offset or row number, or the
-``datasets`` stream's own ``state_dict()`` for hub sources), and the packed stream's
-state (position, tokens not yet emitted, shuffle buffer and its RNG) is saved with
-each checkpoint, so ``--resume`` seeks instead of re-reading and re-tokenising.
+Two parts of ``datasets`` are left out, each because it would lose a guarantee the tests pin:
+
+- its shuffle buffer (``IterableDataset.shuffle``) is not part of ``state_dict()`` (``datasets`` warns
+  that "the shuffle buffer will be refilled"), so a resumed run would skip the buffered documents and
+  draw another order instead of continuing exactly. Here documents are shuffled within consecutive
+  windows of ``shuffle_buffer`` documents, by a permutation seeded by (seed, epoch, window): resuming
+  re-reads the current window (without tokenising it) and goes on at the same index, so the saved state
+  holds a position and counters, never document text.
+- ``split_dataset_by_node`` gives each rank its own shards (or every world-size-th document), so what a
+  run trains on would depend on its number of ranks: two ranks would not train on what one process
+  trains on, and a checkpoint could not continue on another rank count. Here a single stream is cut
+  into global batches and accelerate hands each rank its share (rank 0 reads; ``dispatch_batches``), so
+  the stream's position is the run's, whatever the number of ranks.
 """
 
 from __future__ import annotations
 
 import copy
-import json
+import functools
 import random
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -33,30 +43,47 @@ from torch.utils.data import IterableDataset
 
 from .config import DataConfig, RecalibConfigError
 
-TEXT_SUFFIXES = (".txt", ".md")
-DATA_SUFFIXES = TEXT_SUFFIXES + (".jsonl", ".parquet")
+BUILDERS = {".txt": "text", ".md": "text", ".jsonl": "json", ".parquet": "parquet"}
 
 Position = Any
-"""Where the next document starts: [file index, byte offset (.jsonl) or row (.parquet)] for local
-sources, the ``datasets`` stream state for hub sources; None is the source's beginning."""
-
-
-def iter_documents(cfg: DataConfig) -> Iterator[str]:
-    """Documents of the source in order."""
-    for doc, _ in read_documents(cfg):
-        yield doc
+"""Where the next document starts: the ``datasets`` stream's ``state_dict()`` just after the previous
+document (JSON-serialisable); None is the source's beginning."""
 
 
 def read_documents(cfg: DataConfig, start: Position = None) -> Iterator[tuple[str, Position]]:
-    """(document, position just after it), from ``start`` on. Documents are stripped of
-    surrounding whitespace and empty ones skipped (the same rule for every format, so one
-    corpus packs identically from .txt, .jsonl or .parquet)."""
-    files = _local_files(cfg)
-    raw = _read_hub(cfg, start) if files is None else _read_files(cfg, files, start or [0, 0])
-    for doc, pos in raw:
-        doc = doc.strip() if isinstance(doc, str) else ""
+    """(document, position just after it), from ``start`` on. Documents are stripped of surrounding
+    whitespace and empty ones skipped (the same rule for every format, so one corpus packs
+    identically from .txt, .jsonl or .parquet)."""
+    stream, text_field = _stream(cfg)
+    ds = copy.deepcopy(stream)  # the cached stream stays at its beginning; iterations do not share state
+    if start is not None:
+        ds.load_state_dict(start)
+    for row in ds:
+        if text_field not in row:
+            raise RecalibConfigError(f"{cfg.source} has no {text_field!r} field (fields: {', '.join(sorted(row))})")
+        doc = row[text_field].strip() if isinstance(row[text_field], str) else ""
         if doc:
-            yield doc, pos
+            yield doc, ds.state_dict()
+
+
+@functools.lru_cache(maxsize=16)
+def _stream(cfg: DataConfig) -> tuple[Any, str]:
+    """(the source as a streamed ``datasets.IterableDataset``, its text field), built once per config."""
+    try:
+        import datasets
+    except ImportError:
+        raise RecalibConfigError("recalibration reads its data through Hugging Face datasets: pip install datasets") from None
+    files = _local_files(cfg)
+    if files is None:
+        return datasets.load_dataset(cfg.source, split=cfg.split, streaming=True), cfg.text_field
+    builders = {BUILDERS[f.suffix] for f in files}
+    if len(builders) > 1:
+        raise RecalibConfigError(f"{cfg.source} mixes formats ({', '.join(sorted({f.suffix for f in files}))}); "
+                                 "one source holds .txt/.md, .jsonl or .parquet files")
+    builder = builders.pop()
+    kw = {"sample_by": "document", "encoding_errors": "replace"} if builder == "text" else {}
+    ds = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train", streaming=True, **kw)
+    return ds, "text" if builder == "text" else cfg.text_field
 
 
 def _local_files(cfg: DataConfig) -> list[Path] | None:
@@ -68,68 +95,17 @@ def _local_files(cfg: DataConfig) -> list[Path] | None:
         return sorted(paul_graham_essays_dir().glob("*.txt"))
     path = Path(src).expanduser()
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.suffix in DATA_SUFFIXES)
+        files = sorted(p for p in path.rglob("*") if p.suffix in BUILDERS)
         if not files:
             raise RecalibConfigError(f"no .txt/.md/.jsonl/.parquet files under {path}")
         return files
     if path.is_file():
+        if path.suffix not in BUILDERS:
+            raise RecalibConfigError(f"{path}: expected a .txt, .md, .jsonl or .parquet file")
         return [path]
-    if src.startswith(("/", ".", "~")) or path.suffix in DATA_SUFFIXES + (".json",):
+    if src.startswith(("/", ".", "~")) or path.suffix in (*BUILDERS, ".json"):
         raise RecalibConfigError(f"data source {src} does not exist")
     return None
-
-
-def _read_files(cfg: DataConfig, files: list[Path], start: list[int]) -> Iterator[tuple[str, Position]]:
-    first, offset = start
-    for i in range(first, len(files)):
-        path, offset = files[i], (offset if i == first else 0)
-        if path.suffix == ".jsonl":
-            with path.open("rb") as f:
-                f.seek(offset)
-                for line in iter(f.readline, b""):
-                    if line.strip():
-                        row = json.loads(line)
-                        if cfg.text_field not in row:
-                            raise RecalibConfigError(f"{path} (byte {f.tell() - len(line)}) has no {cfg.text_field!r} field")
-                        yield row[cfg.text_field], [i, f.tell()]
-        elif path.suffix == ".parquet":
-            yield from _read_parquet(cfg, path, i, offset)
-        elif offset == 0:
-            yield path.read_text(errors="replace"), [i + 1, 0]
-
-
-def _read_parquet(cfg: DataConfig, path: Path, i: int, start_row: int) -> Iterator[tuple[str, Position]]:
-    import pyarrow.parquet as pq
-
-    pf = pq.ParquetFile(path)
-    if cfg.text_field not in pf.schema_arrow.names:
-        raise RecalibConfigError(f"{path} has no column {cfg.text_field!r} (columns: {pf.schema_arrow.names})")
-    row = 0
-    for g in range(pf.num_row_groups):  # metadata only: seek to the row group holding start_row
-        n = pf.metadata.row_group(g).num_rows
-        if row + n <= start_row:
-            row += n
-            continue
-        for batch in pf.iter_batches(columns=[cfg.text_field], batch_size=256, row_groups=[g]):
-            for text in batch.column(0).to_pylist():
-                row += 1
-                if row > start_row:
-                    yield text, [i, row]
-
-
-def _read_hub(cfg: DataConfig, start: Position) -> Iterator[tuple[str, Position]]:
-    try:
-        import datasets
-    except ImportError:
-        raise RecalibConfigError(
-            f"{cfg.source!r} is not a local path; to stream it from the Hugging Face hub install the 'hub' extra "
-            "(pip install 'drope-server[hub]')"
-        ) from None
-    ds = datasets.load_dataset(cfg.source, split=cfg.split, streaming=True)
-    if start is not None:
-        ds.load_state_dict(start)  # datasets seeks to the shard and example: no re-reading
-    for row in ds:
-        yield row[cfg.text_field], ds.state_dict()
 
 
 def split_documents(cfg: DataConfig) -> tuple[list[str], Position]:
@@ -162,42 +138,33 @@ def encode_doc(tokenizer: Any, doc: str) -> list[int]:
     return tokenizer.encode(doc, add_special_tokens=False) + ([eos] if eos is not None else [])
 
 
-def tokenize_docs(tokenizer: Any, docs: Iterator[str]) -> Iterator[list[int]]:
-    for doc in docs:
-        yield encode_doc(tokenizer, doc)
-
-
 @dataclass
 class StreamState:
-    """Everything the packed stream needs to continue exactly where it was."""
+    """Everything the packed stream needs to continue exactly where it was, and no document text."""
 
     sequences: int = 0
     """Sequences emitted so far (over all epochs)."""
     epoch: int = 0
     position: Position = None
-    """Where the next document of this epoch starts; None: the first training document."""
+    """Where the current window starts; None: at the first training document."""
+    window: int = 0
+    """The current window's index in this epoch (it seeds the window's order)."""
+    taken: int = 0
+    """Documents of the current window already handed out."""
     tokens: list[int] = field(default_factory=list)
     """Tokenised but not yet emitted (carried across documents and epochs)."""
-    shuffle: list[str] = field(default_factory=list)
-    draining: bool = False
-    """The source is exhausted for this epoch; the shuffle buffer empties in order."""
-    rng: Any = None
-    """random.Random state of this epoch's shuffle (None: not started)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> StreamState:
-        s = cls(**d)
-        if s.rng is not None:  # JSON turned getstate()'s tuples into lists
-            s.rng = (s.rng[0], tuple(s.rng[1]), s.rng[2])
-        return s
+        return cls(**d)
 
 
 class PackedTrainData(IterableDataset):
-    """Endless packed training sequences: the training documents in order (or through a seeded
-    shuffle buffer), epoch after epoch.
+    """Endless packed training sequences: the training documents in order (or shuffled within
+    seeded windows of ``shuffle_buffer`` documents), epoch after epoch.
 
     ``state_after(n)`` is the stream's state once n sequences have been consumed (a snapshot
     taken every ``snapshot_every`` sequences from where this iteration started: set it to the
@@ -209,7 +176,6 @@ class PackedTrainData(IterableDataset):
         self.snapshot_every = snapshot_every
         self.start = StreamState()
         self._snapshots: deque[StreamState] = deque(maxlen=8)
-        self._train_start: Position = None
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.start = StreamState.from_dict(state)
@@ -226,37 +192,21 @@ class PackedTrainData(IterableDataset):
 
     def _documents(self, s: StreamState) -> Iterator[str]:
         """The training documents from state s on, updating s as each one is handed out."""
-        if self._train_start is None:
-            self._train_start = split_documents(self.cfg)[1]
-        size = self.cfg.shuffle_buffer
+        size = max(self.cfg.shuffle_buffer, 1)
         while True:
-            handed_out = False
-            source = read_documents(self.cfg, self._train_start if s.position is None else s.position)
-            if size <= 1:
-                for doc, s.position in source:
-                    handed_out = True
-                    yield doc
-            else:
-                if s.rng is None:
-                    s.rng = random.Random(self.seed * 1000003 + s.epoch).getstate()
-                rng = random.Random()
-                rng.setstate(s.rng)
-                if not s.draining:
-                    for doc, s.position in source:
-                        s.shuffle.append(doc)
-                        if len(s.shuffle) >= size:
-                            doc = s.shuffle.pop(rng.randrange(len(s.shuffle)))
-                            s.rng = rng.getstate()
-                            handed_out = True
-                            yield doc
-                    rng.shuffle(s.shuffle)
-                    s.rng, s.draining = rng.getstate(), True
-                while s.shuffle:
-                    handed_out = True
-                    yield s.shuffle.pop(0)
-            if not handed_out and s.position is None:
+            at_epoch_start = s.position is None and s.taken == 0
+            source = read_documents(self.cfg, split_documents(self.cfg)[1] if s.position is None else s.position)
+            while window := list(islice(source, size)):
+                order = list(range(len(window)))
+                if size > 1:
+                    random.Random(f"{self.seed}:{s.epoch}:{s.window}").shuffle(order)
+                for i in order[s.taken:]:
+                    s.taken += 1
+                    yield window[i][0]
+                s.position, s.window, s.taken = window[-1][1], s.window + 1, 0
+            if at_epoch_start and s.position is None:
                 return  # an empty epoch: nothing to train on
-            s.epoch, s.position, s.draining, s.rng = s.epoch + 1, None, False, None
+            s.epoch, s.position, s.window, s.taken = s.epoch + 1, None, 0, 0
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         s = copy.deepcopy(self.start)
@@ -273,7 +223,7 @@ class PackedTrainData(IterableDataset):
 
 def heldout_tokens(cfg: DataConfig, tokenizer: Any) -> list[int]:
     heldout, _ = split_documents(cfg)
-    return [t for ids in tokenize_docs(tokenizer, iter(heldout)) for t in ids]
+    return [t for doc in heldout for t in encode_doc(tokenizer, doc)]
 
 
 def check_data(cfg: DataConfig, tokenizer: Any, seq_len: int) -> dict[str, int]:
@@ -287,8 +237,8 @@ def check_data(cfg: DataConfig, tokenizer: Any, seq_len: int) -> dict[str, int]:
         )
     _, start = split_documents(cfg)
     n = 0
-    for ids in tokenize_docs(tokenizer, (doc for doc, _ in read_documents(cfg, start))):
-        n += len(ids)
+    for doc, _ in read_documents(cfg, start):
+        n += len(encode_doc(tokenizer, doc))
         if n >= seq_len:
             return {"heldout_tokens": len(held)}
     raise RecalibConfigError(

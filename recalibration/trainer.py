@@ -1,74 +1,194 @@
-"""The training stack: Hugging Face Trainer with atomic checkpoints and a tokens/s log.
+"""The training stack: the Hugging Face Trainer, its public arguments and callbacks only.
 
-Same code on one CPU and on N GPUs: launched plainly it uses one process (all of a node's
-GPUs through nn.DataParallel, as the Trainer does); under
-``accelerate launch`` / ``torchrun`` the Trainer picks up the distributed
-environment (FSDP through recalibration/fsdp.yaml).
+Same code on one CPU and on N ranks: launched plainly it uses one process (all of a node's GPUs
+through nn.DataParallel, as the Trainer does); under ``torchrun`` / ``accelerate launch`` the
+Trainer picks up the distributed environment, replicated (DDP) or, for a model sharded at load
+time (recalibration/sharding.py), FSDP2.
+
+A checkpoint is the Trainer's (model weights, full even when sharded, and trainer_state.json;
+``save_only_model``) completed by ``Checkpoints`` with the rest, in one format for every layout:
+the optimizer state through torch.distributed.checkpoint (each rank writes its shard; a resume on
+any number of ranks, sharded or not, reshards it), the LR schedule, the RNG, and the data stream's
+position. transformers cannot checkpoint the optimizer of a model sharded at load time (its Trainer
+refuses unless ``save_only_model``), which is why this one format replaces its optimizer.pt for all.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import math
 import os
 import shutil
+import sys
 import time
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
-from transformers import Trainer, TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+import torch
+from transformers import TrainerCallback, TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+
+from .config import RecalibConfig, RecalibConfigError
 
 log = logging.getLogger("drope.recalib")
 
 STAGING = ".staging"
 DATA_STATE = "data_state.json"
+# Names the Trainer's own resume does not look for (it would try to torch.load an "optimizer*"
+# entry next to a "scheduler.pt"): these files are read back here.
+OPTIM_STATE = "optim_dcp"
+LR_STATE = "lr_schedule.pt"
+RNG_STATE = "rng_rank{}.pt"
 
 
-class AtomicCheckpointTrainer(Trainer):
-    """Checkpoints are written to <output>/.staging/checkpoint-N and renamed into place when
-    complete, so a run killed mid-write never leaves a checkpoint-N that --resume would pick.
-    Each checkpoint also holds the training stream's position (data_state.json, when the
-    dataset has ``state_after``), so resuming seeks there instead of replaying the data."""
+def training_args(cfg: RecalibConfig, run_dir: Path, *, steps: int, bf16: bool, on_gpu: bool,
+                  seek: bool, first_run: bool) -> TrainingArguments:
+    return TrainingArguments(
+        output_dir=str(run_dir / STAGING),  # Checkpoints renames each complete one into run_dir
+        max_steps=steps,
+        per_device_train_batch_size=cfg.micro_batch,
+        per_device_eval_batch_size=cfg.micro_batch,
+        gradient_accumulation_steps=cfg.grad_accum,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        learning_rate=cfg.lr,
+        adam_beta1=cfg.optim.betas[0],
+        adam_beta2=cfg.optim.betas[1],
+        weight_decay=cfg.optim.weight_decay,
+        warmup_steps=math.ceil(cfg.optim.warmup_ratio * steps),
+        lr_scheduler_type=cfg.optim.schedule,
+        max_grad_norm=cfg.optim.grad_clip,
+        bf16=bf16,  # autocast; the weights stay fp32 (master weights)
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        save_strategy="steps",
+        save_steps=cfg.save_every,
+        save_only_model=True,  # Checkpoints saves the rest
+        eval_strategy="steps" if cfg.eval_every else "no",
+        eval_steps=cfg.eval_every or None,
+        logging_steps=cfg.log_every,
+        report_to=[],
+        use_cpu=not on_gpu,
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+        disable_tqdm=not sys.stderr.isatty(),
+        ignore_data_skip=seek,  # the stream seeks by itself; no replay
+        # Held-out loss before training, from inside train(): a trainer.evaluate() before train()
+        # prepares the model unwrapped, and train() then runs multi-process without DDP (ranks drift apart).
+        eval_on_start=first_run,
+    )
 
-    data_start: tuple[int, int] = (0, 0)
-    """(optimizer step, stream sequences) this run started from; run.py sets it on resume."""
 
-    def sequences_per_step(self) -> int:
-        a = self.args  # train_batch_size: per device x GPUs of a single process (nn.DataParallel)
-        return a.train_batch_size * a.gradient_accumulation_steps * a.world_size
+class Checkpoints(TrainerCallback):
+    """Atomic, resumable checkpoints. The Trainer writes each into <run_dir>/.staging (its output_dir);
+    on_save adds the optimizer, LR schedule, RNG and data position, waits for every rank and renames
+    it into run_dir, so a run killed mid-write never leaves a checkpoint that --resume would pick.
+    Every global batch passes through rank 0's stream (accelerate dispatches an IterableDataset's
+    batches from rank 0), so that stream's position is the run's."""
 
-    def sequences_consumed(self) -> int:
-        # Counted from the resume point: the run may continue on another number of ranks.
+    def __init__(self, run_dir: Path, data: Any, keep: int | None, resume_from: str | None = None,
+                 data_start: tuple[int, int] = (0, 0)):
+        self.run_dir, self.data, self.keep, self.resume_from = run_dir, data, keep, resume_from
+        self.data_start = data_start
+        """(optimizer step, stream sequences) this run started from: the run may go on with another number of ranks."""
+
+    @staticmethod
+    def sequences_per_step(args: TrainingArguments) -> int:
+        # train_batch_size: per device x GPUs of a single process (nn.DataParallel)
+        return args.train_batch_size * args.gradient_accumulation_steps * args.world_size
+
+    def sequences_consumed(self, args: TrainingArguments, step: int) -> int:
         step0, seq0 = self.data_start
-        return seq0 + (self.state.global_step - step0) * self.sequences_per_step()
+        return seq0 + (step - step0) * self.sequences_per_step(args)
 
-    def _save_checkpoint(self, model: Any, trial: Any) -> None:
-        run_dir = self._get_output_dir(trial=trial)
-        staging = os.path.join(run_dir, STAGING)
-        if self.args.should_save:
-            shutil.rmtree(staging, ignore_errors=True)
-        self._get_output_dir = lambda trial=None: staging  # type: ignore[method-assign]
-        try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            del self._get_output_dir  # back to the class method
-        # Under FSDP every rank writes its shard into staging: rename only once all are done.
-        self.accelerator.wait_for_everyone()
-        if self.args.should_save:
-            name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-            if hasattr(self.train_dataset, "state_after"):
-                # Every global batch passes through rank 0's stream (accelerate dispatches an
-                # IterableDataset's batches from rank 0), so its position is the run's.
-                state = self.train_dataset.state_after(self.sequences_consumed())
-                with open(os.path.join(staging, name, DATA_STATE), "w") as f:
-                    json.dump({"step": self.state.global_step, "stream": state}, f)
-            final = os.path.join(run_dir, name)
-            if os.path.exists(final):
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kw):
+        if args.should_save:
+            shutil.rmtree(args.output_dir, ignore_errors=True)  # what a killed save left
+        if self.resume_from:
+            ckpt = Path(self.resume_from)
+            load_optimizer(model, optimizer, ckpt / OPTIM_STATE)
+            lr_scheduler.load_state_dict(torch.load(ckpt / LR_STATE, weights_only=True))
+            rng = ckpt / RNG_STATE.format(args.process_index)
+            if rng.exists():  # absent when this rank did not exist in the saving run
+                set_rng_state(torch.load(rng, weights_only=True))
+
+    def on_save(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kw):
+        name = f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        staged = Path(args.output_dir) / name
+        staged.mkdir(parents=True, exist_ok=True)  # under DDP only rank 0 wrote the model
+        save_optimizer(model, optimizer, staged / OPTIM_STATE)  # collective: every rank its shard
+        torch.save(rng_state(), staged / RNG_STATE.format(args.process_index))
+        if args.should_save:
+            torch.save(lr_scheduler.state_dict(), staged / LR_STATE)
+            stream = self.data.state_after(self.sequences_consumed(args, state.global_step))
+            (staged / DATA_STATE).write_text(json.dumps({"step": state.global_step, "stream": stream}))
+        barrier()  # every rank's files are in place
+        if args.should_save:
+            final = self.run_dir / name
+            if final.exists():
                 shutil.rmtree(final)
-            os.replace(os.path.join(staging, name), final)  # atomic within one filesystem
-            from transformers.trainer_utils import rotate_checkpoints
+            os.replace(staged, final)  # atomic within one filesystem
+            rotate_checkpoints(output_dir=str(self.run_dir), save_total_limit=self.keep)
 
-            rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit, use_mtime=False)
+
+def check_resumable(checkpoint: Path) -> None:
+    """Refuse, before training starts, a checkpoint that lacks what this callback adds."""
+    missing = [n for n in (OPTIM_STATE, LR_STATE, DATA_STATE) if not (checkpoint / n).exists()]
+    if missing:
+        raise RecalibConfigError(f"--resume: {checkpoint} lacks {', '.join(missing)} (written by an older "
+                                 "recalibration.run?); start again with --overwrite")
+
+
+def save_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, path: Path) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    opt = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps the torch one
+    with _one_process_quietly():
+        dcp.save({"optim": get_optimizer_state_dict(model, opt)}, checkpoint_id=str(path), no_dist=not _distributed())
+
+
+def load_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, path: Path) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    opt = getattr(optimizer, "optimizer", optimizer)
+    # The state as this run lays it out (its shards under FSDP), initialised, for DCP to fill from the files.
+    state = {"optim": get_optimizer_state_dict(model, opt)}
+    with _one_process_quietly():
+        dcp.load(state, checkpoint_id=str(path), no_dist=not _distributed())
+    set_optimizer_state_dict(model, opt, state["optim"])
+
+
+def rng_state() -> dict[str, Any]:
+    # Only torch's generators: the training step draws from nothing else (the data stream has its own seeded order).
+    return {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {})}
+
+
+def set_rng_state(s: dict[str, Any]) -> None:
+    torch.set_rng_state(s["cpu"])
+    if "cuda" in s and torch.cuda.is_available():
+        torch.cuda.set_rng_state(s["cuda"])
+
+
+@contextlib.contextmanager
+def _one_process_quietly() -> Iterator[None]:
+    # Without a process group DCP warns, at every save and load, that it assumes a single process: it is one.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        yield
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def barrier() -> None:
+    if _distributed():
+        torch.distributed.barrier()
 
 
 class ProgressLog(TrainerCallback):

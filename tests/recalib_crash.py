@@ -1,5 +1,5 @@
 """Test-only launcher: `python tests/recalib_crash.py WHEN STEP ARGS...` runs recalibration.run
-(under torchrun too) and dies like kill -9 (exit 137) at checkpoint STEP.
+(under torchrun or accelerate launch too) and dies like kill -9 (exit 137) at checkpoint STEP.
 
   after-save:       every rank, once checkpoint-STEP is complete and renamed into place;
   rank1-after-save: rank 1 alone, once checkpoint-STEP is in place (torchrun then stops the others);
@@ -8,6 +8,8 @@
 
 With RECORD_BATCHES=DIR, each rank appends the token rows of every micro-batch it trains on to
 DIR/rank<R>.jsonl as {"step": optimizer step, "rows": [...]}.
+
+The hooks wrap public methods only: our Checkpoints.on_save callback and Trainer.training_step.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import os
 import sys
 import time
 
+from transformers import Trainer
+
 from recalibration import trainer
 from recalibration.run import main
 
@@ -25,7 +29,6 @@ RANK = int(os.environ.get("RANK", "0"))
 
 def crash_at(when: str, step: int) -> None:
     name = f"checkpoint-{step}"
-    real_save = trainer.AtomicCheckpointTrainer._save_checkpoint
     if when == "in-save":
         real_replace = os.replace
 
@@ -36,19 +39,20 @@ def crash_at(when: str, step: int) -> None:
 
         os.replace = replace
     elif when in ("after-save", "rank1-after-save"):
-        def save(self, model, trial):
-            real_save(self, model, trial)
-            if self.state.global_step == step and (when == "after-save" or RANK == 1):
-                done = os.path.join(self._get_output_dir(trial=trial), name)
-                while not os.path.isdir(done):  # rank 0 renames it into place after the barrier
+        real_on_save = trainer.Checkpoints.on_save
+
+        def on_save(self, args, state, control, **kw):
+            real_on_save(self, args, state, control, **kw)
+            if state.global_step == step and (when == "after-save" or RANK == 1):
+                while not (self.run_dir / name).is_dir():  # rank 0 renames it into place after the barrier
                     time.sleep(0.05)
                 os._exit(137)
 
-        trainer.AtomicCheckpointTrainer._save_checkpoint = save
+        trainer.Checkpoints.on_save = on_save
 
 
 def record_batches(directory: str) -> None:
-    real_step = trainer.AtomicCheckpointTrainer.training_step
+    real_step = Trainer.training_step
     os.makedirs(directory, exist_ok=True)
 
     def training_step(self, model, inputs, *a, **kw):
@@ -56,7 +60,7 @@ def record_batches(directory: str) -> None:
             f.write(json.dumps({"step": self.state.global_step, "rows": inputs["input_ids"].tolist()}) + "\n")
         return real_step(self, model, inputs, *a, **kw)
 
-    trainer.AtomicCheckpointTrainer.training_step = training_step
+    Trainer.training_step = training_step
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -202,25 +203,88 @@ def test_bf16_training_keeps_fp32_master_weights(tmp_path):
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_fsdp_yaml_wraps_the_models_decoder_layers_and_saves_full_weights(tiny_checkpoint, family):
-    """accelerate, given recalibration/fsdp.yaml, finds the wrap class in either family and
-    saves full (gathered) weights, which the server can load."""
-    import yaml
-    from accelerate.utils import FullyShardedDataParallelPlugin
-    from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
+def test_fsdp_yaml_turns_on_sharding_with_a_unit_per_decoder_layer(tiny_checkpoint, family):
+    """recalibration/fsdp.yaml, read by accelerate's own loader, asks for FSDP; the plan shards each decoder
+    layer of either family as its own unit and splits every parameter over the ranks, unevenly too."""
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.utils import DistributedType
+    from transformers import AutoConfig
 
     from model_patches.config import DropeConfig
-    from model_patches.reference import load_reference
+    from recalibration import sharding
 
-    fsdp = yaml.safe_load(open(os.path.join(os.path.dirname(__file__), "..", "recalibration", "fsdp.yaml")))["fsdp_config"]
-    wrap = fsdp.get("fsdp_transformer_layer_cls_to_wrap")
-    plugin = FullyShardedDataParallelPlugin(
-        fsdp_version=fsdp["fsdp_version"], auto_wrap_policy=fsdp["fsdp_auto_wrap_policy"].lower(),
-        transformer_cls_names_to_wrap=wrap.split(",") if wrap else None, state_dict_type=fsdp["fsdp_state_dict_type"])
-    model = load_reference(tiny_checkpoint(family, DropeConfig(train_context=64)))
-    policy = fsdp2_prepare_auto_wrap_policy(plugin, model)
-    assert sum(policy(m) for m in model.modules()) == model.config.num_hidden_layers
-    assert plugin.state_dict_type.name == "FULL_STATE_DICT"
+    config = load_config_from_file(os.path.join(os.path.dirname(__file__), "..", "recalibration", "fsdp.yaml"))
+    assert config.distributed_type == DistributedType.FSDP and config.mixed_precision in (None, "no")
+    model = sharding.meta_model(AutoConfig.from_pretrained(tiny_checkpoint(family, DropeConfig(train_context=64))))
+    layers = {n for n, m in model.named_modules() if type(m).__name__.endswith("DecoderLayer")}
+    units = {name: free for name, _, free in sharding._units(model)}
+    assert layers and all(units.get(n) is True for n in layers), units
+    assert units.get("lm_head") is False  # kept until backward, with the final norm
+    total = sum(p.numel() for p in model.parameters())
+    for world in (2, 3):
+        plan = sharding.plan(model, fsdp=True, world_size=world, bf16=True, micro_batch=1, seq_len=64,
+                             gradient_checkpointing=False)
+        assert sum(plan.per_rank) == plan.total == total and max(plan.per_rank) - min(plan.per_rank) < total / 50
+
+
+def test_cli_has_every_flag_and_each_sets_its_config_field():
+    """The command line is generated from the config; this pins the flags people use and where they land."""
+    from recalibration.run import build_parser, config_from_args
+
+    parser = build_parser()
+    options = {o for a in parser._actions for o in a.option_strings}
+    for flag in ("--preset", "--config", "--base", "--output-dir", "--data", "--attention-type", "--keep-rope",
+                 "--seq-len", "--max-steps", "--token-budget", "--micro-batch", "--grad-accum", "--lr", "--precision",
+                 "--seed", "--save-every", "--set", "--resume", "--overwrite", "--fsdp", "--dry-run"):
+        assert flag in options, flag
+    args = parser.parse_args(["--output-dir", "o", "--data", "d.txt", "--lr", "1e-4", "--keep-rope", "--seq-len", "32",
+                              "--token-budget", "999", "--micro-batch", "3", "--grad-accum", "2", "--precision", "bf16",
+                              "--seed", "7", "--save-every", "5", "--base", "b", "--set", "optim.weight_decay=0.05",
+                              "--set", "data.heldout_docs=4", "--fsdp", "--resume"])
+    cfg = config_from_args(args)
+    assert (cfg.output_dir, cfg.data.source, cfg.optim.lr, cfg.keep_rope, cfg.seq_len) == ("o", "d.txt", 1e-4, True, 32)
+    assert (cfg.token_budget, cfg.max_steps, cfg.micro_batch, cfg.grad_accum) == (999, None, 3, 2)
+    assert (cfg.precision, cfg.seed, cfg.save_every, cfg.base, cfg.fsdp) == ("bf16", 7, 5, "b", True)
+    assert (cfg.optim.weight_decay, cfg.data.heldout_docs, args.resume, args.overwrite) == (0.05, 4, True, False)
+    # Flags not given leave the preset's values.
+    assert config_from_args(parser.parse_args(["--preset", "tiny"])) == preset("tiny")
+    assert parser.parse_args(["--dry-run"]).dry_run == 0 and parser.parse_args(["--dry-run", "8"]).dry_run == 8
+
+
+def test_dry_run_prints_the_sharding_plan_and_writes_nothing(tmp_path, capsys):
+    from recalibration.run import resolve_base
+
+    out = tmp_path / "out"
+    total = sum(t.numel() for t in load_file(resolve_base("tiny") / "model.safetensors").values())
+    assert run_main([*FAST, "--output-dir", str(out), "--max-steps", "2", "--fsdp", "--dry-run", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "FSDP2, fully sharded over 2 ranks" in printed and "4 x model.layers.*" in printed
+    assert f"parameters/rank : {total // 2:,} on every rank (50.0% of the model)" in printed, printed
+    assert "AdamW state" in printed and "activations (estimate" in printed
+    assert not out.exists()
+
+
+def test_dry_run_of_llama2_7b_on_8_ranks_needs_no_weights(tmp_path, capsys):
+    """The GPU preset's plan from its config alone: Llama-2-7B's 6,738,415,616 parameters plus the QK-norm
+    vectors (2 x 4096 per layer), an eighth of them and 16 bytes each of state per rank."""
+    from model_patches.tiny import save_byte_tokenizer
+
+    base = tmp_path / "llama-2-7b"
+    save_byte_tokenizer(base)
+    (base / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008,
+        "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000,
+        "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "tie_word_embeddings": False}))
+    assert run_main(["--preset", "llama2-7b-gpu", "--base", str(base), "--data", "builtin:essays",
+                     "--output-dir", str(tmp_path / "out"), "--dry-run", "8"]) == 0
+    printed = capsys.readouterr().out
+    total = 6_738_415_616 + 32 * 2 * 4096
+    assert f"{total:,} parameters" in printed and "over 8 ranks" in printed and "32 x model.layers.*" in printed
+    assert f"{total // 8:,} on every rank" in printed
+    state = re.search(r"AdamW state \(2 x fp32\)\s+([\d.]+) GB", printed)
+    assert state and float(state.group(1)) == pytest.approx(8 * total / 8 / 1e9, abs=0.01)
+    assert "recomputed" in printed  # the preset's activation checkpointing
+    assert not (tmp_path / "out").exists()
 
 
 def test_keep_rope_trains_the_base_as_it_is(tmp_path):
