@@ -320,8 +320,10 @@ def main(argv: list[str] | None = None) -> int:
             from vllm import __version__ as vllm_version
             from vllm.benchmarks.serve import check_goodput_args
         except ImportError as e:
+            from model_patches.config import VLLM_EXTRAS
+
             raise EndpointError(f"this is vLLM's benchmark engine, and vllm does not import ({e}): "
-                                "install drope-server[cpu] or drope-server[gpu]") from None
+                                f"{VLLM_EXTRAS}") from None
         spec = Spec(input_len=args.input_len, output_len=args.output_len, range_ratio=args.range_ratio,
                     lengths_file=args.lengths_file, num_requests=args.num_requests, duration=args.duration,
                     request_rate=args.request_rate, burstiness=args.burstiness, max_concurrency=args.max_concurrency,

@@ -123,14 +123,12 @@ class DropeConfig:
             lambda key, default=None: getattr(hf_config, key, default)
         )
         fields = dict(
-            train_context=get(TRAIN_CONTEXT_KEY),
+            train_context=train_context_of(hf_config),
             beta_coef=get(BETA_COEF_KEY, 0.0),
             beta_mode=get(BETA_MODE_KEY, "log"),
             attention_type=get("attention_type", "nope"),
             softmax_scale=get("softmax_scale"),
         )
-        if fields["train_context"] is None:
-            fields["train_context"] = get("max_position_embeddings")
         fields.update({k: v for k, v in overrides.items() if v is not None})
         if fields["train_context"] is None:
             raise DropeConfigError(
@@ -169,6 +167,29 @@ class DropeConfig:
         return asdict(self)
 
 
+def train_context_of(hf_config: Any) -> int | None:
+    """L_train as a checkpoint states it: ``drope_train_context``, else ``max_position_embeddings``.
+
+    The one rule, used by the config classes (which pin it when a config is built, before
+    anything can raise the position limit), the server and the quality tools. Sakana's
+    checkpoints carry no ``drope_train_context``: their ``max_position_embeddings`` is
+    their parent's, the length they were recalibrated at.
+    """
+    get = hf_config.get if isinstance(hf_config, Mapping) else (
+        lambda key, default=None: getattr(hf_config, key, default)
+    )
+    stated = get(TRAIN_CONTEXT_KEY)
+    return stated if stated is not None else get("max_position_embeddings")
+
+
+def with_pinned_train_context(file: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """config.json fields with ``overrides`` applied, L_train decided by the file unless stated in the overrides.
+
+    An override of ``max_position_embeddings`` (how vLLM serves past it) never moves L_train.
+    """
+    return {**file, **overrides, TRAIN_CONTEXT_KEY: overrides.get(TRAIN_CONTEXT_KEY, train_context_of(file))}
+
+
 def is_drope_config(hf_config: Any) -> bool:
     """True for checkpoints our DroPE classes serve (by model_type or architecture)."""
     get = hf_config.get if isinstance(hf_config, Mapping) else (
@@ -187,6 +208,17 @@ def read_config_json(path: str | Path) -> dict[str, Any]:
         raise DropeConfigError(f"no config.json at {file}") from None
     except json.JSONDecodeError as e:
         raise DropeConfigError(f"{file} is not valid JSON: {e}") from None
+
+
+VLLM_EXTRAS = "pip install 'drope-server[cpu]' (vLLM's CPU build) or 'drope-server[gpu]' (CUDA)"
+
+
+def require_vllm(what: str) -> None:
+    """Fail with the install line when vLLM, which comes only with an extra, is missing."""
+    try:
+        import vllm  # noqa: F401
+    except ImportError as e:
+        raise ImportError(f"{what} runs on vLLM, which is not installed here ({e}): {VLLM_EXTRAS}") from None
 
 
 def _is_finite_number(x: Any) -> bool:

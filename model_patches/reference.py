@@ -36,7 +36,7 @@ from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention, Qwen2ForCau
 from transformers.utils import logging
 
 from .beta import scale_queries
-from .config import DEFAULT_CONTEXT_MULTIPLE, TRAIN_CONTEXT_KEY, DropeConfig, DropeConfigError
+from .config import DEFAULT_CONTEXT_MULTIPLE, TRAIN_CONTEXT_KEY, DropeConfig, DropeConfigError, train_context_of
 
 logger = logging.get_logger(__name__)
 
@@ -55,8 +55,7 @@ class _PinnedTrainContext:
 
     def __post_init__(self, **kwargs: Any) -> None:
         super().__post_init__(**kwargs)
-        if getattr(self, TRAIN_CONTEXT_KEY, None) is None:
-            setattr(self, TRAIN_CONTEXT_KEY, self.max_position_embeddings)
+        setattr(self, TRAIN_CONTEXT_KEY, train_context_of(self))
         drope = DropeConfig.from_hf_config(self)  # a bad checkpoint fails here, with one clear message
         self.max_position_embeddings = max(self.max_position_embeddings, DEFAULT_CONTEXT_MULTIPLE * drope.train_context)
 

@@ -92,12 +92,18 @@ def build_tiny_checkpoint(
     drope: DropeConfig | None = None,
     seed: int = 0,
     qk_norm_noise: float = 0.3,
+    init_std: float = 0.1,
+    tokenizer: Any = None,
     **config_kwargs: Any,
 ) -> Path:
     """Write a random-weight checkpoint + tokenizer to ``out_dir``.
 
     QK-norm weights are drawn around 1 (``qk_norm_noise``) rather than left at 1,
     so a test that loads them wrongly (unsharded, transposed, ignored) fails.
+    ``init_std`` 0.1 (sharper attention, so position and beta effects show in the
+    logits of a 2-layer model) suits parity tests; a model that will be trained
+    from scratch wants the usual 0.02. ``tokenizer`` (a fast tokenizer) replaces the
+    byte-level one; its special-token ids should then be passed as config keys.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -114,11 +120,12 @@ def build_tiny_checkpoint(
             if name.endswith(("q_norm.weight", "k_norm.weight")):
                 p.copy_(1.0 + qk_norm_noise * torch.randn_like(p))
             elif p.dim() >= 2:
-                # std 0.1 instead of 0.02: sharper attention, so position and beta
-                # effects show in the logits of a 2-layer model.
-                p.normal_(0.0, 0.1)
+                p.normal_(0.0, init_std)
     model.save_pretrained(str(out))
-    save_byte_tokenizer(out)
+    if tokenizer is None:
+        save_byte_tokenizer(out)
+    else:
+        tokenizer.save_pretrained(str(out))
     # save_pretrained writes transformers' view of the config; keep exactly ours too
     # (e.g. keys Sakana's format has that our class does not declare).
     on_disk = json.loads((out / "config.json").read_text())

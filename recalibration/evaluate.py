@@ -38,7 +38,7 @@ from .perplexity import add_measurement_args, save_plot, write_json_atomic
 
 
 def evaluate(args: argparse.Namespace, ckpt: str | None, log=print) -> dict[str, Any]:
-    from model_patches.config import TRAIN_CONTEXT_KEY, DropeConfig, is_drope_config
+    from model_patches.config import DropeConfig, is_drope_config, with_pinned_train_context
     from server.config import read_model_config
 
     from .engine import (
@@ -56,7 +56,7 @@ def evaluate(args: argparse.Namespace, ckpt: str | None, log=print) -> dict[str,
     if ckpt:
         file = read_model_config(ckpt)
         if is_drope_config(file):
-            drope = DropeConfig.from_hf_config({TRAIN_CONTEXT_KEY: file.get("max_position_embeddings"), **file})
+            drope = DropeConfig.from_hf_config(with_pinned_train_context(file, {}))
         elif not servers:
             raise ValueError(f"{ckpt} is a plain {file.get('model_type')} checkpoint; evaluate measures a DroPE "
                              "checkpoint against its parent (pass the parent with --baseline)")
@@ -166,6 +166,9 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 
 def build_parser():
+    from model_patches.config import require_vllm
+
+    require_vllm("recalibration.evaluate")  # it measures on vLLM's engine
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
     p = FlexibleArgumentParser(prog="python -m recalibration.evaluate", description=__doc__,
@@ -185,7 +188,12 @@ def main(argv: list[str] | None = None) -> int:
     from .perplexity import checkpoint_of
 
     prog = "recalibration.evaluate"
-    args = build_parser().parse_args(argv)
+    try:
+        parser = build_parser()
+    except ImportError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
     try:
         ckpt = checkpoint_of(args, prog) if (args.checkpoint or args.model or not args.base_url) else None
         if not args.out_dir and not (ckpt and Path(ckpt).is_dir()):

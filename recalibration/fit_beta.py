@@ -59,7 +59,7 @@ def fit(ckpt: str, data: str, engine_args: Any, lengths: str = "2x,4x", coefs: l
         windows: int = 4, heldout_docs: int = 2, refine: bool = True, out_dir: str | Path | None = None,
         fresh: bool = False, log=print) -> dict[str, Any]:
     """Measure, search and return the result (also kept in ``out_dir``/fit_beta.json as it grows)."""
-    from model_patches.config import TRAIN_CONTEXT_KEY, DropeConfig, is_drope_config
+    from model_patches.config import DropeConfig, is_drope_config, with_pinned_train_context
     from server.config import read_model_config
 
     from .engine import drope_overrides, engine, set_beta, user_max_model_len
@@ -72,7 +72,7 @@ def fit(ckpt: str, data: str, engine_args: Any, lengths: str = "2x,4x", coefs: l
                          "checkpoints (make one with `python -m recalibration.run`, or convert with "
                          "`python -m model_patches.convert` and recalibrate)")
     user = engine_args.hf_overrides if isinstance(engine_args.hf_overrides, dict) else {}
-    drope = DropeConfig.from_hf_config({TRAIN_CONTEXT_KEY: file.get("max_position_embeddings"), **file, **user})
+    drope = DropeConfig.from_hf_config(with_pinned_train_context(file, user))
     mode = "log" if drope.beta_mode == "none" else drope.beta_mode
     lens = sorted(set(parse_lengths(lengths, drope.train_context)))
     if min(lens) <= drope.train_context:
@@ -198,6 +198,9 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 
 def build_parser():
+    from model_patches.config import require_vllm
+
+    require_vllm("recalibration.fit_beta")  # it measures on vLLM's engine
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
     p = FlexibleArgumentParser(prog="python -m recalibration.fit_beta", description=__doc__,
@@ -215,7 +218,12 @@ def main(argv: list[str] | None = None) -> int:
     from .perplexity import checkpoint_of
 
     prog = "recalibration.fit_beta"
-    args = build_parser().parse_args(argv)
+    try:
+        parser = build_parser()
+    except ImportError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
     try:
         ckpt = checkpoint_of(args, prog)
         if not args.no_write and not (Path(ckpt) / "config.json").is_file():

@@ -18,10 +18,10 @@ from typing import Any
 from vllm.logger import init_logger
 
 from model_patches.config import (
-    TRAIN_CONTEXT_KEY,
     DropeConfig,
     is_drope_config,
     read_config_json,
+    with_pinned_train_context,
 )
 
 log = init_logger("vllm.drope")
@@ -129,9 +129,9 @@ def prepare(args: argparse.Namespace, on_cpu: bool, environ: MutableMapping[str,
 
     overrides = _as_dict(args.hf_overrides)
     file = read_model_config(args.model)
-    # L_train comes from the file (drope_train_context, else its max_position_embeddings)
-    # unless stated explicitly: an override of max_position_embeddings never moves it.
-    hf = {TRAIN_CONTEXT_KEY: file.get("max_position_embeddings"), **file, **overrides}
+    # L_train comes from the file unless stated explicitly: an override of
+    # max_position_embeddings never moves it.
+    hf = with_pinned_train_context(file, overrides)
     drope = None
     if is_drope_config(hf):
         drope = DropeConfig.from_hf_config(

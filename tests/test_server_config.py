@@ -15,6 +15,7 @@ import json
 import shutil
 import subprocess
 import sys
+import textwrap
 
 import pytest
 from conftest import vllm_engine
@@ -201,3 +202,42 @@ def test_plain_vllm_keeps_l_train_when_only_the_position_limit_is_raised(tiny_ch
     with vllm_engine(src, max_model_len=1024, hf_overrides={"max_position_embeddings": 1024}) as llm:  # L stated
         ((explicit, _, _, _),) = vllm_run(llm, [ids])
     assert (raised - explicit).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("stated", [True, False], ids=["drope_train_context", "sakana-max_position_embeddings"])
+def test_reference_server_and_engine_agree_on_l_train(tiny_checkpoint, tmp_path, stated):
+    """model_patches.config.train_context_of is the one rule; the transformers config class, drope-server's
+    prepare() and the vLLM engine (through the plugin) all apply it, before a raised position limit."""
+    from model_patches.config import read_config_json, train_context_of
+    from model_patches.reference import load_reference
+
+    src = tiny_checkpoint("llama", DropeConfig(train_context=L, beta_coef=0.2), max_position_embeddings=2048)
+    ckpt = src if stated else sakana_format(src, tmp_path / "sakana")
+    raised = {"max_position_embeddings": 1024}
+    found = {
+        "file": train_context_of(read_config_json(ckpt)),
+        "reference": load_reference(ckpt).config.drope_train_context,
+        "server": prepare(parse("--model", str(ckpt), "--hf-overrides", json.dumps(raised))).train_context,
+    }
+    with vllm_engine(ckpt, max_model_len=1024, hf_overrides=raised) as llm:
+        model = llm.llm_engine.model_executor.driver_worker.worker.model_runner.model
+        found["engine"] = model.model.layers[0].self_attn.drope.train_context
+    assert found == dict.fromkeys(found, L), found
+
+
+def test_without_vllm_the_entry_points_name_the_extra(tmp_path):
+    """vLLM comes only with the [cpu] / [gpu] extra: a plain `pip install .` must say so, not ImportError: vllm."""
+    code = textwrap.dedent("""
+        import sys
+        sys.modules["vllm"] = None  # as if not installed
+        from recalibration import fit_beta
+        assert fit_beta.main(["ckpt", "--data", "x"]) == 2
+        try:
+            import server.cli
+        except ImportError as e:
+            print("SERVER:", e)
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "drope-server[cpu]" in r.stderr and "recalibration.fit_beta" in r.stderr
+    assert "SERVER: drope-server runs on vLLM" in r.stdout and "drope-server[gpu]" in r.stdout
