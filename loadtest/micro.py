@@ -1,5 +1,9 @@
 """The micro long-context task: associative recall in filler, as documents to train on and trials to score.
 
+benchmarks/long_context.py trains small models on it and scores them through drope-server
+(``score_trials``, any OpenAI-compatible vLLM endpoint); tests/test_micro_long_context.py
+scores the shipped micro checkpoints the same way.
+
 Symbols are whole words of a word-level tokenizer (one token each), so a document of
 L tokens is L words and lengths are exact. A document holds ``pairs`` *bindings*
 (key -> value, keys and values distinct) written at a fixed density (``rate``
@@ -26,6 +30,7 @@ trials come from seeded RNGs; evaluation trials use seeds training never uses.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 from dataclasses import asdict, dataclass
@@ -157,3 +162,40 @@ def trials(task: Task, ids: dict[str, int], length: int, n: int, seed: int) -> l
         ctx[at:at] = needle
         out.append(Trial([ids[w] for w in ctx + [f"k{k}"]], ids[task.value(k, j)], at / max(1, len(ctx) - len(needle))))
     return out
+
+
+def score_trials(base_url: str, model: str, trials: list[Trial], concurrency: int = 32,
+                 api_key: str | None = None) -> list[dict[str, Any]]:
+    """Each trial as one /v1/completions request: greedy, one token, and the answer's log-probability
+    asked for by id (vLLM's ``logprob_token_ids``), so no top-k has to contain it."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+    async def one(client: Any, gate: asyncio.Semaphore, t: Trial) -> dict[str, Any]:
+        body = {"model": model, "prompt": t.prompt, "max_tokens": 1, "temperature": 0.0, "logprobs": 1,
+                "logprob_token_ids": [t.answer], "return_tokens_as_token_ids": True}
+        async with gate:
+            for attempt in range(3):  # 429: the server's queue is full; wait and ask again
+                resp = await client.post("/v1/completions", json=body)
+                if resp.status_code != 429:
+                    break
+                await asyncio.sleep(1 + attempt)
+        if resp.status_code != 200:
+            raise RuntimeError(f"{base_url}: HTTP {resp.status_code}: {resp.text[:300]}")
+        lp = resp.json()["choices"][0]["logprobs"]
+        got = int(lp["tokens"][0].removeprefix("token_id:"))
+        return {"length": len(t.prompt) + 1, "depth": round(t.depth, 4), "answer": t.answer, "generated": got,
+                "correct": got == t.answer, "loglik": lp["top_logprobs"][0][f"token_id:{t.answer}"]}
+
+    async def run() -> list[dict[str, Any]]:
+        gate = asyncio.Semaphore(concurrency)
+        async with httpx.AsyncClient(base_url=base_url, headers=headers, timeout=600) as client:
+            return list(await asyncio.gather(*(one(client, gate, t) for t in trials)))
+
+    return asyncio.run(run())
+
+
+def accuracy(records: list[dict[str, Any]], length: int) -> float:
+    cell = [r for r in records if r["length"] == length]
+    return sum(r["correct"] for r in cell) / len(cell)
