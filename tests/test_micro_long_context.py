@@ -6,12 +6,15 @@ QK-norm, recalibrated for 20% of the pretraining steps). On the benchmark's tria
 three training seeds) DroPE kept ~1.0 accuracy out to 8x L_train, RoPE as is fell to 0.67 / 0.40 /
 0.28 at 2x / 4x / 8x, and RoPE + YaRN x8 held 1.0 to 4x and fell to 0.93 at 8x. This test serves the
 shipped pair (seed 1) and scores the first 200 of the same trials (greedy, float32: deterministic)
-at 4x and 8x; seed 1 scored DroPE 1.000 / 1.000, RoPE 0.310 (4x), RoPE + YaRN 0.940 (8x). It
-asserts that ordering with margins, so a change that breaks NoPE attention, the QK-norm or the
-served path in a way the parity tests cannot see (both sides of a parity test share our code)
-fails here. beta is not exercised: c = 0 fitted best for this task.
+at 4x and 8x; seed 1 scored DroPE 1.000 / 1.000 and RoPE + YaRN 0.940 at 8x. It asserts that
+ordering with margins. What it catches, measured: the same weights served with rotary embeddings
+applied (as a plain Llama) score 0.29 / 0.14 at 4x / 8x, so positional rotation reaching DroPE's
+attention, or a served path that loses the DroPE classes, fails here, which parity tests cannot see
+(both sides of a parity test share our code). What it does not: this model does not need beta or its
+QK-norm at these lengths (served with the QK-norm dropped, or with c = 1 from 16 tokens on, it still
+scores 1.0 at 8x), so beta and the norm are covered by the parity tests only.
 
-    python -m pytest tests/test_micro_long_context.py      # slow: three servers, ~2 minutes on 2 cores
+    python -m pytest tests/test_micro_long_context.py      # slow: two servers, ~1.5 minutes on 2 cores
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from conftest import launch_server
 
 from loadtest.micro import EVAL_SEED_BASE, Task, accuracy, score_trials, trials
 from model_patches.assets import micro_dir
-from recalibration.engine import rope_overrides, yarn_overrides
+from recalibration.engine import yarn_overrides
 
 pytestmark = pytest.mark.slow
 L_TRAIN, N = 128, 200
@@ -32,7 +35,7 @@ TASK = Task(kind="lookup", keys=32, values=4, filler=64, pairs=8, rate=20.0)  # 
 
 def score(tmp_path, ckpt, lengths, *args) -> list[dict]:
     ids = {w: i for i, w in enumerate(TASK.vocab())}
-    work = tmp_path / f"{ckpt.name}-{len(args)}"
+    work = tmp_path / f"{ckpt.name}-{len(list(tmp_path.iterdir()))}"  # one log directory per server
     work.mkdir()
     proc, base, _ = launch_server(ckpt, work, "--max-model-len", str(8 * L_TRAIN + 1), *args)
     try:
@@ -48,11 +51,9 @@ def test_drope_retrieves_past_l_train_where_rope_and_yarn_do_not(tmp_path):
     base_cfg = json.loads((rope / "config.json").read_text())
     longest = 8 * L_TRAIN
     got_drope = score(tmp_path, drope, [4 * L_TRAIN, longest])
-    got_rope = score(tmp_path, rope, [4 * L_TRAIN], "--hf-overrides", json.dumps(rope_overrides(base_cfg, longest + 1)))
     yarn = yarn_overrides(base_cfg, longest, L_TRAIN, longest + 1)
     got_yarn = score(tmp_path, rope, [longest], "--hf-overrides", json.dumps(yarn))
     acc = {"drope 4x": accuracy(got_drope, 4 * L_TRAIN), "drope 8x": accuracy(got_drope, longest),
-           "rope 4x": accuracy(got_rope, 4 * L_TRAIN), "yarn 8x": accuracy(got_yarn, longest)}
-    assert acc["drope 4x"] >= 0.98 and acc["drope 8x"] >= 0.98, acc
-    assert acc["rope 4x"] <= acc["drope 4x"] - 0.4, acc  # measured 0.310 vs 1.000
+           "yarn 8x": accuracy(got_yarn, longest)}
+    assert acc["drope 4x"] >= 0.98 and acc["drope 8x"] >= 0.98, acc  # measured 1.000 and 1.000
     assert acc["yarn 8x"] <= acc["drope 8x"] - 0.03, acc  # measured 0.940 vs 1.000
