@@ -291,7 +291,7 @@ def plot(table: dict[str, Any], lengths: list[int], L_train: int, chance: float 
     for ax, zoom in zip(axes, (False, True), strict=True):
         for i, (name, cells) in enumerate(table.items()):
             ys = [cells[str(L)]["acc"] for L in lengths]
-            err = [cells[str(L)]["acc_std"] for L in lengths]
+            err = [cells[str(L)]["acc_std"] or 0.0 for L in lengths]
             ax.errorbar(xs, ys, yerr=err, marker="os^vDx"[i % 6], linestyle=styles[i % len(styles)], capsize=3,
                         label=name, alpha=0.85)
         if chance is not None and not zoom:
@@ -313,8 +313,9 @@ def markdown(table: dict[str, Any], lengths: list[int], L_train: int, what: str 
     head = "| model | " + " | ".join(f"{L // L_train}x ({L})" for L in lengths) + " |"
     rows = [head, "|---|" + "---|" * len(lengths)]
     for name, cells in table.items():
-        rows.append(f"| {name} | " + " | ".join(f"{cells[str(L)][key]:.3f} ± {cells[str(L)][std]:.3f}" for L in lengths)
-                    + " |")
+        rows.append(f"| {name} | " + " | ".join(
+            f"{cells[str(L)][key]:.3f}" + (f" ± {cells[str(L)][std]:.3f}" if cells[str(L)][std] is not None else "")
+            for L in lengths) + " |")
     return "\n".join(rows)
 
 
@@ -428,12 +429,17 @@ def real(args: argparse.Namespace) -> int:
                 results = ruler.run(url, spec, model=name)
             path.write_text(json.dumps([asdict(x) for x in results]))
         per_model[name] = json.loads(path.read_text())
-    table = {name: {str(L): {"acc": statistics.fmean(x["score"] for x in res if x["length"] == L), "acc_std": 0.0,
-                             "loglik": float("nan"), "loglik_std": 0.0}
-                    for L in lengths} for name, res in per_model.items()}
-    (out / "results.json").write_text(json.dumps({"lengths": lengths, "table": table}, indent=2))
-    plot(table, lengths, drope.train_context, None, out / "accuracy.png", f"RULER {args.ruler_tasks}")
-    print(markdown(table, lengths, drope.train_context))
+    tasks = {"mean of the tasks": None, **{t: t for t in spec.tasks}}
+    tables = {label: {name: {str(L): {"acc": statistics.fmean(x["score"] for x in res if x["length"] == L
+                                                               and task in (None, x["task"])), "acc_std": None}
+                             for L in lengths} for name, res in per_model.items()}
+              for label, task in tasks.items()}
+    (out / "results.json").write_text(json.dumps({"lengths": lengths, "tasks": list(spec.tasks), "trials": args.trials,
+                                                  "server_args": server_args, "tables": tables}, indent=2))
+    plot(tables["mean of the tasks"], lengths, drope.train_context, None, out / "accuracy.png",
+         f"RULER {args.ruler_tasks}, {args.trials} trials per task and length")
+    for label, table in tables.items():
+        print(f"\nRULER score, {label}:\n\n" + markdown(table, lengths, drope.train_context))
     return 0
 
 
