@@ -188,7 +188,8 @@ def test_fit_beta_at_tp2_equals_tp1(tiny_checkpoint, tmp_path):
                         "--tensor-parallel-size", "2"], capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-4000:]
     tp1, tp2 = (json.loads((tmp_path / d / "fit_beta.json").read_text())["table"] for d in ("tp1", "tp2"))
-    assert tp1.keys() == tp2.keys() == {"0", "0.4"}
+    # Both ranks' runs take the same search path (the grid may be extended upward when 0.4 wins).
+    assert tp1.keys() == tp2.keys() and {"0", "0.4"} <= tp1.keys()
     for c in tp1:
         for n, p in tp1[c].items():
             assert abs(tp2[c][n] / p - 1) <= 1e-4, (c, n, tp2[c][n], p)
