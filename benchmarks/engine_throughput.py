@@ -1,7 +1,7 @@
 """Engine throughput of the DroPE path vs the same-shape RoPE model in vLLM, side by side.
 
 For each model pair (tiny random Llama; the real SmolLM2-135M) the RoPE parent
-and its DroPE twin (same weights, `nope`, beta on with c > 0 so the per-token
+and its DroPE twin (same weights, `nope` or --attention-type, beta on with c > 0 so the per-token
 query multiply is paid) run in the same process, alternately, `--repeats` times:
 
   prefill tok/s: 16 prompts of --prompt-len tokens, 1 output token each
@@ -32,7 +32,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 N_SEQS = 16
 
 
-def build_pair(name: str, root: Path) -> tuple[Path, Path]:
+def build_pair(name: str, root: Path, attention_type: str = "nope") -> tuple[Path, Path]:
     from model_patches.assets import smollm2_hf_dir
     from model_patches.convert import convert
     from model_patches.tiny import build_tiny_checkpoint
@@ -47,7 +47,7 @@ def build_pair(name: str, root: Path) -> tuple[Path, Path]:
     else:
         raise SystemExit(f"unknown model {name!r} (tiny, smollm2)")
     drope = root / f"{name}-drope"
-    convert(rope, drope, attention_type="nope", train_context=train_context, beta_coef=0.1, overwrite=True)
+    convert(rope, drope, attention_type=attention_type, train_context=train_context, beta_coef=0.1, overwrite=True)
     return rope, drope
 
 
@@ -86,12 +86,14 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="float32", help="model dtype (default: float32)")
     p.add_argument("--kv-cache-gib", type=float, default=1.0, help="KV cache size in GiB (default: 1)")
     p.add_argument("--compile", action="store_true", help="use torch.compile (default: eager)")
+    p.add_argument("--attention-type", default="nope", choices=["nope", "qk_norm_nope", "q_norm_nope", "k_norm_nope"],
+                   help="the DroPE twin's attention (default: nope; qk_norm_nope pays the full-width QK-norm)")
     args = p.parse_args(argv)
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
-            rope, drope = build_pair(name, Path(tmp))
+            rope, drope = build_pair(name, Path(tmp), args.attention_type)
             res = {"rope": [], "drope": []}
             for _ in range(args.repeats):
                 for side, d in (("rope", rope), ("drope", drope)):
@@ -107,7 +109,7 @@ def main(argv=None) -> int:
     print("\n=== engine throughput: DroPE vs RoPE (same weights, same process) ===")
     print(f"command : {' '.join([os.path.basename(sys.executable)] + sys.argv)}")
     print(f"machine : {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, vllm {vllm.__version__}, "
-          f"{args.dtype}, {'compiled' if args.compile else 'eager'}, {N_SEQS} concurrent sequences, "
+          f"{args.dtype}, {'compiled' if args.compile else 'eager'}, DroPE {args.attention_type}, {N_SEQS} concurrent sequences, "
           f"prompt {args.prompt_len}, decode {args.decode_len}, median of {args.repeats}")
     print(f"{'model':<9} {'prefill RoPE':>13} {'prefill DroPE':>14} {'ratio':>6} {'decode RoPE':>12} {'decode DroPE':>13} {'ratio':>6}")
     for name, m in rows:

@@ -5,7 +5,8 @@ Sakana's QK-norm normalises the flattened q_proj (k_proj) output of a token over
 parallelism each rank holds only its heads, so the mean square must be summed
 across ranks. We all-reduce one scalar per token (the local sum of squares)
 instead of all-gathering q as vLLM's OLMoE does: [T, 1] floats on the wire
-instead of [T, H*D].
+instead of [T, H*D]; with both norms, q's and k's scalars go in one all-reduce
+(``full_width_qk_norm``).
 
 When KV heads are replicated (fewer KV heads than ranks) every head appears the
 same number of times across ranks, so dividing the all-reduced sum by
@@ -43,12 +44,32 @@ class FullWidthRMSNorm(nn.Module):
         start = self.shard * self.local_width
         param.data.copy_(loaded[start : start + self.local_width])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: [T, local_width]
-        xf = x.to(torch.float32)
-        sq = xf.pow(2).sum(dim=-1, keepdim=True)  # [T, 1]
-        if self.tp_size > 1:
-            sq = tensor_model_parallel_all_reduce(sq)
+    def sum_of_squares(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [T, local_width] -> [T, 1] float32, this rank's part of the sum
+        return x.to(torch.float32).pow(2).sum(dim=-1, keepdim=True)
+
+    def normalize(self, x: torch.Tensor, sq: torch.Tensor) -> torch.Tensor:
+        # sq: [T, 1], summed over all ranks
         var = sq / (self.local_width * self.tp_size)
         # Cast before the weight multiply, as transformers' LlamaRMSNorm does.
-        return self.weight * (xf * torch.rsqrt(var + self.eps)).to(x.dtype)
+        return self.weight * (x.to(torch.float32) * torch.rsqrt(var + self.eps)).to(x.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        sq = self.sum_of_squares(x)
+        if self.tp_size > 1:
+            sq = tensor_model_parallel_all_reduce(sq)
+        return self.normalize(x, sq)
+
+
+def full_width_qk_norm(
+    q: torch.Tensor, k: torch.Tensor, q_norm: FullWidthRMSNorm | None, k_norm: FullWidthRMSNorm | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """q and k normalised; with both norms under TP, one all-reduce per layer instead of two.
+
+    The all-reduce is latency-bound at these sizes ([T, 1] floats each), so the two
+    statistics travel together as one [T, 2] tensor.
+    """
+    if q_norm is None or k_norm is None or q_norm.tp_size == 1:
+        return (q if q_norm is None else q_norm(q)), (k if k_norm is None else k_norm(k))
+    sq = tensor_model_parallel_all_reduce(torch.cat([q_norm.sum_of_squares(q), k_norm.sum_of_squares(k)], dim=-1))
+    return q_norm.normalize(q, sq[:, :1]), k_norm.normalize(k, sq[:, 1:])

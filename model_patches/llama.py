@@ -22,7 +22,7 @@ from vllm.model_executor.models.llama import (
 
 from .beta import apply_query_scale, query_scale_table
 from .config import DropeConfig, DropeConfigError
-from .layers import FullWidthRMSNorm
+from .layers import FullWidthRMSNorm, full_width_qk_norm
 
 logger = init_logger(__name__)
 
@@ -58,10 +58,7 @@ class DroPELlamaAttention(LlamaAttention):
         # positions: [T] absolute token positions; hidden_states: [T, hidden]
         qkv, _ = self.qkv_proj(hidden_states)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        if self.q_norm is not None:
-            q = self.q_norm(q)
-        if self.k_norm is not None:
-            k = self.k_norm(k)
+        q, k = full_width_qk_norm(q, k, self.q_norm, self.k_norm)
         if self.scales_queries:  # static per layer: no branch in the compiled graph
             q = apply_query_scale(q, self.beta_table[positions])
         attn_output = self.attn(q, k, v)
