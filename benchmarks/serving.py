@@ -45,9 +45,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(kind: str, model_dir: Path, flags: list[str], env: dict[str, str], log: Path) -> tuple[subprocess.Popen, int]:
+def start(kind: str, model_dir: Path, flags: list[str], env: dict[str, str | None], log: Path) -> tuple[subprocess.Popen, int]:
     port = free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", **env}
+    # A value of None removes the variable (e.g. LD_PRELOAD for a variant without it).
+    env = {k: v for k, v in {**os.environ, "HF_HUB_OFFLINE": "1", **env}.items() if v is not None}
     common = ["--model", str(model_dir), "--port", str(port), "--served-model-name", "m", *flags]
     if kind == "ours":
         cmd = [sys.executable, "-m", "server", *common]
