@@ -48,14 +48,16 @@ LIBRARIES = {"tcmalloc": ("libtcmalloc_minimal.so.4", "libtcmalloc.so.4"), "iomp
 
 def preload_libraries() -> dict[str, str]:
     """{'tcmalloc': path, 'iomp': path} for those found on this machine."""
-    dirs = [Path(sys.prefix) / "lib", *map(Path, ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64"))]
+    dirs = [
+        Path(sys.prefix) / "lib",
+        *map(Path, ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64")),
+    ]
     found = {}
     for key, names in LIBRARIES.items():
         hit = next((d / n for d in dirs for n in names if (d / n).is_file()), None)
         if hit:
             found[key] = str(hit)
     return found
-
 
 
 def machine_bounds() -> tuple[float, float]:
@@ -95,10 +97,13 @@ def essay_ids(port: int, n: int, repeats: int) -> list[list[int]]:
     from model_patches.assets import paul_graham_essays_dir
 
     text = " ".join(p.read_text() for p in sorted(paul_graham_essays_dir().glob("*.txt")))
-    ids = httpx.post(f"http://127.0.0.1:{port}/tokenize", json={"model": "m", "prompt": text, "add_special_tokens": False},
-                     timeout=600).json()["tokens"]
+    ids = httpx.post(
+        f"http://127.0.0.1:{port}/tokenize",
+        json={"model": "m", "prompt": text, "add_special_tokens": False},
+        timeout=600,
+    ).json()["tokens"]
     step = max(1, (len(ids) - n) // max(1, repeats - 1))
-    return [ids[i * step: i * step + n] for i in range(repeats)]
+    return [ids[i * step : i * step + n] for i in range(repeats)]
 
 
 def ttft(port: int, ids: list[int]) -> float:
@@ -121,16 +126,23 @@ def measure(kind: str, model: Path, flags: list[str], env: dict, log: Path, repe
         d16 = vllm_bench(port, model, 16, 16, 256, 64)
     finally:
         stop(proc)
-    return {"ttft_s": ttfts, "decode1_tok_s": 1e3 / d1["median_tpot_ms"], "decode16_tok_s": 16e3 / d16["median_tpot_ms"],
-            "warned": "is not found in LD_PRELOAD" in log.read_text()}
+    return {
+        "ttft_s": ttfts,
+        "decode1_tok_s": 1e3 / d1["median_tpot_ms"],
+        "decode16_tok_s": 16e3 / d16["median_tpot_ms"],
+        "warned": "is not found in LD_PRELOAD" in log.read_text(),
+    }
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--repeats", type=int, default=2, help="16K prompts per variant (default: 2)")
-    p.add_argument("--variants", default="none,tcmalloc,iomp,both",
-                   help="comma list of drope-server variants: none (no preload, as shipped), tcmalloc, iomp, "
-                        "both (default: all four)")
+    p.add_argument(
+        "--variants",
+        default="none,tcmalloc,iomp,both",
+        help="comma list of drope-server variants: none (no preload, as shipped), tcmalloc, iomp, "
+        "both (default: all four)",
+    )
     p.add_argument("--no-vanilla", action="store_true", help="skip vanilla vLLM")
     p.add_argument("--out", default="runs/cpu-speed.json", help="results as JSON (default: runs/cpu-speed.json)")
     args = p.parse_args(argv)
@@ -146,8 +158,18 @@ def main(argv=None) -> int:
     cfg = json.loads((parent / "config.json").read_text())
     prefill_flops, bytes_per_token = model_costs(cfg, LONG)
     bound_ttft, bound_decode = prefill_flops / flops_s, bytes_s / bytes_per_token
-    flags = ["--dtype", "bfloat16", "--enforce-eager", "--max-model-len", str(LONG + 128), "--max-num-seqs", "16",
-             "--kv-cache-memory-bytes", str(KV_BYTES), "--no-enable-prefix-caching"]
+    flags = [
+        "--dtype",
+        "bfloat16",
+        "--enforce-eager",
+        "--max-model-len",
+        str(LONG + 128),
+        "--max-num-seqs",
+        "16",
+        "--kv-cache-memory-bytes",
+        str(KV_BYTES),
+        "--no-enable-prefix-caching",
+    ]
     # Each variant's LD_PRELOAD set explicitly (None: unset); drope-server itself preloads nothing
     # (measured here: no gain outside the noise, BENCHMARKS.md), so "none" is drope-server as shipped.
     explicit = {"none": [], "tcmalloc": ["tcmalloc"], "iomp": ["iomp"], "both": ["tcmalloc", "iomp"]}
@@ -164,8 +186,9 @@ def main(argv=None) -> int:
             if not set(explicit[name]) <= set(libs):
                 print(f"[{name}] skipped: library not found", file=sys.stderr)
                 continue
-            rows[f"drope-server, {name}"] = measure("ours", drope, flags, preload_env(explicit[name]),
-                                                    tmp / f"{name}.log", args.repeats)
+            rows[f"drope-server, {name}"] = measure(
+                "ours", drope, flags, preload_env(explicit[name]), tmp / f"{name}.log", args.repeats
+            )
             print(f"[{name}] {rows[f'drope-server, {name}']}", file=sys.stderr, flush=True)
         if not args.no_vanilla:
             yarn = json.dumps(yarn_overrides(cfg, LONG + 128))
@@ -173,30 +196,55 @@ def main(argv=None) -> int:
             fastest = min(measured, key=lambda n: statistics.median(rows[f"drope-server, {n}"]["ttft_s"]), default=None)
             for name in ["none", *([fastest] if fastest else [])]:
                 rows[f"vanilla vLLM (RoPE + YaRN x2), {name}"] = measure(
-                    "vllm", parent, [*flags, "--hf-overrides", yarn], {**all_cores_env(), **preload_env(explicit[name])},
-                    tmp / f"vllm-{name}.log", args.repeats)
+                    "vllm",
+                    parent,
+                    [*flags, "--hf-overrides", yarn],
+                    {**all_cores_env(), **preload_env(explicit[name])},
+                    tmp / f"vllm-{name}.log",
+                    args.repeats,
+                )
 
     import torch
     import vllm
 
     print("\n=== CPU serving speed: preloaded libraries, vanilla vLLM, and the machine's bounds ===")
     print(f"command : python benchmarks/cpu_speed.py {' '.join(argv if argv is not None else sys.argv[1:])}")
-    print(f"machine : {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-          f"vllm {vllm.__version__}; SmolLM2-135M bf16, eager, prefix caching off")
-    print(f"bounds  : bf16 matmul {flops_s / 1e12:.2f} TFLOP/s -> 16K prefill {prefill_flops / 1e12:.1f} TFLOP, "
-          f">= {bound_ttft:.1f} s; copy bandwidth {bytes_s / 1e9:.1f} GB/s -> {bytes_per_token / 1e6:.0f} MB per "
-          f"token, <= {bound_decode:.0f} tok/s at batch 1")
-    print(f"{'server, LD_PRELOAD':<52}{'16K TTFT s':>16}{'/ bound':>8}{'decode b1 tok/s':>16}{'/ bound':>8}"
-          f"{'decode b16 tok/s':>17}{'warns':>6}")
+    print(
+        f"machine : {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+        f"vllm {vllm.__version__}; SmolLM2-135M bf16, eager, prefix caching off"
+    )
+    print(
+        f"bounds  : bf16 matmul {flops_s / 1e12:.2f} TFLOP/s -> 16K prefill {prefill_flops / 1e12:.1f} TFLOP, "
+        f">= {bound_ttft:.1f} s; copy bandwidth {bytes_s / 1e9:.1f} GB/s -> {bytes_per_token / 1e6:.0f} MB per "
+        f"token, <= {bound_decode:.0f} tok/s at batch 1"
+    )
+    print(
+        f"{'server, LD_PRELOAD':<52}{'16K TTFT s':>16}{'/ bound':>8}{'decode b1 tok/s':>16}{'/ bound':>8}"
+        f"{'decode b16 tok/s':>17}{'warns':>6}"
+    )
     for label, r in rows.items():
         t = statistics.median(r["ttft_s"])
-        print(f"{label:<52}{' / '.join(f'{x:.1f}' for x in r['ttft_s']):>16}{t / bound_ttft:>8.2f}"
-              f"{r['decode1_tok_s']:>16.1f}{r['decode1_tok_s'] / bound_decode:>8.2f}{r['decode16_tok_s']:>17.1f}"
-              f"{'yes' if r['warned'] else 'no':>6}")
+        print(
+            f"{label:<52}{' / '.join(f'{x:.1f}' for x in r['ttft_s']):>16}{t / bound_ttft:>8.2f}"
+            f"{r['decode1_tok_s']:>16.1f}{r['decode1_tok_s'] / bound_decode:>8.2f}{r['decode16_tok_s']:>17.1f}"
+            f"{'yes' if r['warned'] else 'no':>6}"
+        )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"bounds": {"bf16_flops": flops_s, "copy_bytes_s": bytes_s, "ttft_s": bound_ttft,
-                                          "decode1_tok_s": bound_decode}, "rows": rows}, indent=1))
+    out.write_text(
+        json.dumps(
+            {
+                "bounds": {
+                    "bf16_flops": flops_s,
+                    "copy_bytes_s": bytes_s,
+                    "ttft_s": bound_ttft,
+                    "decode1_tok_s": bound_decode,
+                },
+                "rows": rows,
+            },
+            indent=1,
+        )
+    )
     return 0
 
 

@@ -38,8 +38,15 @@ def build_pair(name: str, root: Path, attention_type: str = "nope") -> tuple[Pat
     from model_patches.tiny import build_tiny_checkpoint
 
     if name == "tiny":
-        rope = build_tiny_checkpoint(root / "tiny-rope", "llama", hidden_size=256, num_layers=4,
-                                     num_heads=4, num_kv_heads=2, max_position_embeddings=4096)
+        rope = build_tiny_checkpoint(
+            root / "tiny-rope",
+            "llama",
+            hidden_size=256,
+            num_layers=4,
+            num_heads=4,
+            num_kv_heads=2,
+            max_position_embeddings=4096,
+        )
         train_context = 256
     elif name == "smollm2":
         rope = smollm2_hf_dir()
@@ -54,14 +61,25 @@ def build_pair(name: str, root: Path, attention_type: str = "nope") -> tuple[Pat
 def measure(model_dir: Path, args) -> tuple[float, float]:
     from vllm import LLM, SamplingParams
 
-    llm = LLM(str(model_dir), dtype=args.dtype, enforce_eager=not args.compile, max_model_len=args.prompt_len + args.decode_len + 16,
-              kv_cache_memory_bytes=args.kv_cache_gib * 2**30, max_num_seqs=N_SEQS,
-              max_num_batched_tokens=max(2048, args.prompt_len), enable_prefix_caching=False, seed=0)
+    llm = LLM(
+        str(model_dir),
+        dtype=args.dtype,
+        enforce_eager=not args.compile,
+        max_model_len=args.prompt_len + args.decode_len + 16,
+        kv_cache_memory_bytes=args.kv_cache_gib * 2**30,
+        max_num_seqs=N_SEQS,
+        max_num_batched_tokens=max(2048, args.prompt_len),
+        enable_prefix_caching=False,
+        seed=0,
+    )
     try:
+
         def run(prompt_len, max_tokens, salt):
             # Distinct token ids per run so nothing could be reused between runs.
-            prompts = [{"prompt_token_ids": [(salt * 7919 + i * 131 + j) % 250 + 1 for j in range(prompt_len)]}
-                       for i in range(N_SEQS)]
+            prompts = [
+                {"prompt_token_ids": [(salt * 7919 + i * 131 + j) % 250 + 1 for j in range(prompt_len)]}
+                for i in range(N_SEQS)
+            ]
             sp = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
             t = time.perf_counter()
             llm.generate(prompts, sp, use_tqdm=False)
@@ -86,8 +104,12 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="float32", help="model dtype (default: float32)")
     p.add_argument("--kv-cache-gib", type=float, default=1.0, help="KV cache size in GiB (default: 1)")
     p.add_argument("--compile", action="store_true", help="use torch.compile (default: eager)")
-    p.add_argument("--attention-type", default="nope", choices=["nope", "qk_norm_nope", "q_norm_nope", "k_norm_nope"],
-                   help="the DroPE twin's attention (default: nope; qk_norm_nope pays the full-width QK-norm)")
+    p.add_argument(
+        "--attention-type",
+        default="nope",
+        choices=["nope", "qk_norm_nope", "q_norm_nope", "k_norm_nope"],
+        help="the DroPE twin's attention (default: nope; qk_norm_nope pays the full-width QK-norm)",
+    )
     args = p.parse_args(argv)
 
     rows = []
@@ -98,8 +120,11 @@ def main(argv=None) -> int:
             for _ in range(args.repeats):
                 for side, d in (("rope", rope), ("drope", drope)):
                     res[side].append(measure(d, args))
-                    print(f"[{name}] {side}: prefill {res[side][-1][0]:.0f} tok/s, decode {res[side][-1][1]:.0f} tok/s",
-                          file=sys.stderr, flush=True)
+                    print(
+                        f"[{name}] {side}: prefill {res[side][-1][0]:.0f} tok/s, decode {res[side][-1][1]:.0f} tok/s",
+                        file=sys.stderr,
+                        flush=True,
+                    )
             med = {s: [statistics.median(x[i] for x in v) for i in (0, 1)] for s, v in res.items()}
             rows.append((name, med))
 
@@ -108,13 +133,19 @@ def main(argv=None) -> int:
 
     print("\n=== engine throughput: DroPE vs RoPE (same weights, same process) ===")
     print(f"command : {' '.join([os.path.basename(sys.executable)] + sys.argv)}")
-    print(f"machine : {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, vllm {vllm.__version__}, "
-          f"{args.dtype}, {'compiled' if args.compile else 'eager'}, DroPE {args.attention_type}, {N_SEQS} concurrent sequences, "
-          f"prompt {args.prompt_len}, decode {args.decode_len}, median of {args.repeats}")
-    print(f"{'model':<9} {'prefill RoPE':>13} {'prefill DroPE':>14} {'ratio':>6} {'decode RoPE':>12} {'decode DroPE':>13} {'ratio':>6}")
+    print(
+        f"machine : {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, vllm {vllm.__version__}, "
+        f"{args.dtype}, {'compiled' if args.compile else 'eager'}, DroPE {args.attention_type}, {N_SEQS} concurrent sequences, "
+        f"prompt {args.prompt_len}, decode {args.decode_len}, median of {args.repeats}"
+    )
+    print(
+        f"{'model':<9} {'prefill RoPE':>13} {'prefill DroPE':>14} {'ratio':>6} {'decode RoPE':>12} {'decode DroPE':>13} {'ratio':>6}"
+    )
     for name, m in rows:
-        print(f"{name:<9} {m['rope'][0]:>13.0f} {m['drope'][0]:>14.0f} {m['drope'][0] / m['rope'][0]:>6.2f} "
-              f"{m['rope'][1]:>12.0f} {m['drope'][1]:>13.0f} {m['drope'][1] / m['rope'][1]:>6.2f}")
+        print(
+            f"{name:<9} {m['rope'][0]:>13.0f} {m['drope'][0]:>14.0f} {m['drope'][0] / m['rope'][0]:>6.2f} "
+            f"{m['rope'][1]:>12.0f} {m['drope'][1]:>13.0f} {m['drope'][1] / m['rope'][1]:>6.2f}"
+        )
     print("(tokens/s; ratio = DroPE / RoPE, > 1 means DroPE is faster)")
     return 0
 

@@ -61,8 +61,9 @@ def child(path: str, ckpt: str, lengths: list[int], coefs: list[float], heldout_
             t = time.perf_counter()
             set_beta(model, coef=c, mode="log")
             for L in lengths:
-                rec["per_c"].setdefault(str(c), {})[str(L)] = perplexity(reference_window_nll(model),
-                                                                         windows(tokens, L, 1))
+                rec["per_c"].setdefault(str(c), {})[str(L)] = perplexity(
+                    reference_window_nll(model), windows(tokens, L, 1)
+                )
                 out.write_text(json.dumps(rec))
             rec["per_c"][str(c)]["s"] = time.perf_counter() - t
             out.write_text(json.dumps(rec))
@@ -89,8 +90,22 @@ def run_path(path: str, ckpt: Path, args: argparse.Namespace, work: Path) -> dic
     out = work / f"{path}.json"
     out.unlink(missing_ok=True)
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "HF_HUB_OFFLINE": "1"}  # engine in the child itself
-    cmd = [sys.executable, __file__, "--child", path, "--ckpt", str(ckpt), "--lengths", args.lengths,
-           "--coefs", args.coefs, "--heldout-docs", str(args.heldout_docs), "--out", str(out)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        path,
+        "--ckpt",
+        str(ckpt),
+        "--lengths",
+        args.lengths,
+        "--coefs",
+        args.coefs,
+        "--heldout-docs",
+        str(args.heldout_docs),
+        "--out",
+        str(out),
+    ]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=open(work / f"{path}.log", "w"))
     stopped, peak_seen = None, 0
@@ -165,8 +180,10 @@ def main(argv: list[str] | None = None) -> int:
 
     print("\n=== fit_beta at scale: SmolLM2-135M-DroPE (L_train 8192), one window per length ===")
     print(f"command : python benchmarks/fit_beta_scale.py {' '.join(argv if argv is not None else sys.argv[1:])}")
-    print(f"machine : {platform.machine()}, {os.cpu_count()} CPUs, {os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') / 2**30:.0f} GiB, "
-          f"torch {torch.__version__}; load average at start {load0:.1f}, at end {os.getloadavg()[0]:.1f}")
+    print(
+        f"machine : {platform.machine()}, {os.cpu_count()} CPUs, {os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') / 2**30:.0f} GiB, "
+        f"torch {torch.__version__}; load average at start {load0:.1f}, at end {os.getloadavg()[0]:.1f}"
+    )
     head = f"{'path':<12} {'load s':>7} {'s per c':>8} {'peak GiB':>9}  " + "  ".join(f"ppl@{L:<6}" for L in lengths)
     print(head)
     for path, r in results.items():
@@ -174,8 +191,10 @@ def main(argv: list[str] | None = None) -> int:
         per_c = sum(r["per_c"][c]["s"] for c in done) / len(done) if done else float("nan")
         ppl = r["per_c"].get(str(coefs[0]), {})
         cells = "  ".join(f"{ppl[str(L)]:<10.3f}" if str(L) in ppl else f"{'-':<10}" for L in lengths)
-        print(f"{path:<12} {r.get('load_s', float('nan')):>7.1f} {per_c:>8.1f} {r['peak_rss_gib']:>9.1f}  {cells}"
-              f"  (c={coefs[0]:g}; {len(done)}/{len(coefs)} c done)")
+        print(
+            f"{path:<12} {r.get('load_s', float('nan')):>7.1f} {per_c:>8.1f} {r['peak_rss_gib']:>9.1f}  {cells}"
+            f"  (c={coefs[0]:g}; {len(done)}/{len(coefs)} c done)"
+        )
         if r["stopped"]:
             print(f"{'':<12} not finished: {r['stopped']}")
     ref = results.get("old")
@@ -187,8 +206,10 @@ def main(argv: list[str] | None = None) -> int:
         if both:
             speed = sum(ref["per_c"][c]["s"] for c in both) / sum(r["per_c"][c]["s"] for c in both)
             dev = max(abs(r["per_c"][c][str(L)] / ref["per_c"][c][str(L)] - 1) for c in both for L in lengths)
-            print(f"{path} vs old: {speed:.2f}x faster per c, peak memory {r['peak_rss_gib'] / ref['peak_rss_gib']:.2f}x, "
-                  f"max |ppl ratio - 1| {dev:.1e}")
+            print(
+                f"{path} vs old: {speed:.2f}x faster per c, peak memory {r['peak_rss_gib'] / ref['peak_rss_gib']:.2f}x, "
+                f"max |ppl ratio - 1| {dev:.1e}"
+            )
     (work / "summary.json").write_text(json.dumps({"lengths": lengths, "coefs": coefs, "results": results}, indent=2))
     return 0
 

@@ -127,8 +127,13 @@ def prepare_data(m: Micro, out: Path, steps: int) -> tuple[Path, Path, Path]:
     L = m.train_context
     if not train.exists():
         # Every document is trained on at most once in the longest run (recalibration.run holds out the first 64).
-        write_documents(m.task, train.with_suffix(".tmp"), 64 + steps * m.train_docs_per_step * 3 // 2, (L // 2, 2 * L),
-                        TRAIN_SEED_BASE).rename(train)
+        write_documents(
+            m.task,
+            train.with_suffix(".tmp"),
+            64 + steps * m.train_docs_per_step * 3 // 2,
+            (L // 2, 2 * L),
+            TRAIN_SEED_BASE,
+        ).rename(train)
     if not held.exists():
         n = 8 * L - 1  # + EOS: each held-out document is one 8x window
         write_documents(m.task, held.with_suffix(".tmp"), m.heldout_docs, (n, n), HELDOUT_SEED).rename(held)
@@ -145,11 +150,23 @@ def build_base(m: Micro, tok_dir: Path, out: Path, seed: int) -> Path:
 
     tok = AutoTokenizer.from_pretrained(tok_dir)
     tmp = out.with_name(out.name + ".tmp")
-    build_tiny_checkpoint(tmp, "llama", hidden_size=m.hidden, num_layers=m.layers, num_heads=m.heads,
-                          num_kv_heads=m.heads, max_position_embeddings=m.train_context, vocab_size=len(tok),
-                          init_std=0.02, tokenizer=tok, seed=seed, bos_token_id=None,
-                          eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                          rope_parameters={"rope_type": "default", "rope_theta": m.rope_theta})
+    build_tiny_checkpoint(
+        tmp,
+        "llama",
+        hidden_size=m.hidden,
+        num_layers=m.layers,
+        num_heads=m.heads,
+        num_kv_heads=m.heads,
+        max_position_embeddings=m.train_context,
+        vocab_size=len(tok),
+        init_std=0.02,
+        tokenizer=tok,
+        seed=seed,
+        bos_token_id=None,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        rope_parameters={"rope_type": "default", "rope_theta": m.rope_theta},
+    )
     tmp.rename(out)
     return out
 
@@ -158,8 +175,22 @@ def train(r: Runner, phase: str, preset: str, base: Path, out: Path, data: Path,
     final = out / "final"
     if (out / "summary.json").exists() and (final / "config.json").exists():
         return final
-    cmd = [PY, "-m", "recalibration.run", "--preset", preset, "--base", str(base), "--output-dir", str(out),
-           "--data", str(data), "--seed", str(seed), *extra]
+    cmd = [
+        PY,
+        "-m",
+        "recalibration.run",
+        "--preset",
+        preset,
+        "--base",
+        str(base),
+        "--output-dir",
+        str(out),
+        "--data",
+        str(data),
+        "--seed",
+        str(seed),
+        *extra,
+    ]
     cmd += ["--resume"] if (out / "recalib_config.json").exists() else []
     r.run(phase, cmd, f"{out.parent.name}-{out.name}.log", env=QUIET_ENGINE)
     return final
@@ -168,10 +199,27 @@ def train(r: Runner, phase: str, preset: str, base: Path, out: Path, data: Path,
 def fit(r: Runner, ckpt: Path, held: Path, m: Micro, fit_multiples: list[int]) -> float:
     result = ckpt / "fit_beta" / "fit_beta.json"
     if not (result.exists() and json.loads(result.read_text()).get("complete")):
-        r.run("fit_beta", [PY, "-m", "recalibration.fit_beta", str(ckpt), "--data", str(held),
-                           "--heldout-docs", str(m.heldout_docs), "--lengths", ",".join(f"{k}x" for k in fit_multiples),
-                           "--windows", "8", "--dtype", "float32"],
-              f"fit-{ckpt.parent.parent.name}-{ckpt.parent.name}.log", env=QUIET_ENGINE)
+        r.run(
+            "fit_beta",
+            [
+                PY,
+                "-m",
+                "recalibration.fit_beta",
+                str(ckpt),
+                "--data",
+                str(held),
+                "--heldout-docs",
+                str(m.heldout_docs),
+                "--lengths",
+                ",".join(f"{k}x" for k in fit_multiples),
+                "--windows",
+                "8",
+                "--dtype",
+                "float32",
+            ],
+            f"fit-{ckpt.parent.parent.name}-{ckpt.parent.name}.log",
+            env=QUIET_ENGINE,
+        )
     return json.loads(result.read_text())["best_coef"]
 
 
@@ -190,8 +238,20 @@ def served(r: Runner, name: str, model: Path | str, args: list[str], log_name: s
     import httpx
 
     port = free_port()
-    cmd = [PY, "-m", "server", "--model", str(model), "--port", str(port), "--host", "127.0.0.1",
-           "--served-model-name", name, *args]
+    cmd = [
+        PY,
+        "-m",
+        "server",
+        "--model",
+        str(model),
+        "--port",
+        str(port),
+        "--host",
+        "127.0.0.1",
+        "--served-model-name",
+        name,
+        *args,
+    ]
     log = r.out / "logs" / log_name
     log.parent.mkdir(parents=True, exist_ok=True)
     env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
@@ -204,8 +264,9 @@ def served(r: Runner, name: str, model: Path | str, args: list[str], log_name: s
         deadline = time.time() + 600
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"drope-server for {name} exited {proc.returncode}; log {log}:\n"
-                                   f"{log.read_text()[-3000:]}")
+                raise RuntimeError(
+                    f"drope-server for {name} exited {proc.returncode}; log {log}:\n{log.read_text()[-3000:]}"
+                )
             with contextlib.suppress(httpx.HTTPError):
                 if httpx.get(base + "/health", timeout=2).status_code == 200:
                     break
@@ -228,18 +289,21 @@ def variants(rope: Path, drope: Path, nope: Path | None, m: Micro, longest: int)
 
     base_cfg = json.loads((rope / "config.json").read_text())
     yarn = yarn_overrides(base_cfg, longest, m.train_context, longest + 1)
-    out = {"RoPE": (rope, ["--hf-overrides", json.dumps(rope_overrides(base_cfg, longest + 1))]),
-           f"RoPE + YaRN x{longest // m.train_context}": (rope, ["--hf-overrides", json.dumps(yarn)]),
-           "DroPE (c=0)": (drope, ["--beta-coef", "0"]),
-           "DroPE (fitted c)": (drope, [])}
+    out = {
+        "RoPE": (rope, ["--hf-overrides", json.dumps(rope_overrides(base_cfg, longest + 1))]),
+        f"RoPE + YaRN x{longest // m.train_context}": (rope, ["--hf-overrides", json.dumps(yarn)]),
+        "DroPE (c=0)": (drope, ["--beta-coef", "0"]),
+        "DroPE (fitted c)": (drope, []),
+    }
     if nope is not None:
         out["NoPE (c=0)"] = (nope, ["--beta-coef", "0"])
         out["NoPE (fitted c)"] = (nope, [])
     return out
 
 
-def evaluate_seed(r: Runner, seed: int, models: dict[str, tuple[Path, list[str]]], trial_sets: dict[int, list],
-                  common: list[str]) -> dict[str, list[dict[str, Any]]]:
+def evaluate_seed(
+    r: Runner, seed: int, models: dict[str, tuple[Path, list[str]]], trial_sets: dict[int, list], common: list[str]
+) -> dict[str, list[dict[str, Any]]]:
     out = {}
     for name, (ckpt, extra) in models.items():
         path = r.out / "eval" / f"seed-{seed}" / f"{name.replace(' ', '_').replace('(', '').replace(')', '')}.json"
@@ -270,9 +334,15 @@ def aggregate(per_seed: dict[int, dict[str, list[dict[str, Any]]]], lengths: lis
                 cell = [x for x in recs[name] if x["length"] == L]
                 accs.append(sum(x["correct"] for x in cell) / len(cell))
                 lls.append(sum(x["loglik"] for x in cell) / len(cell))
-            table[name][str(L)] = {"acc": statistics.fmean(accs), "acc_std": statistics.pstdev(accs) if len(accs) > 1 else 0.0,
-                                   "loglik": statistics.fmean(lls), "loglik_std": statistics.pstdev(lls) if len(lls) > 1 else 0.0,
-                                   "acc_per_seed": accs, "loglik_per_seed": lls, "trials": len(cell)}
+            table[name][str(L)] = {
+                "acc": statistics.fmean(accs),
+                "acc_std": statistics.pstdev(accs) if len(accs) > 1 else 0.0,
+                "loglik": statistics.fmean(lls),
+                "loglik_std": statistics.pstdev(lls) if len(lls) > 1 else 0.0,
+                "acc_per_seed": accs,
+                "loglik_per_seed": lls,
+                "trials": len(cell),
+            }
     return table
 
 
@@ -292,8 +362,16 @@ def plot(table: dict[str, Any], lengths: list[int], L_train: int, chance: float 
         for i, (name, cells) in enumerate(table.items()):
             ys = [cells[str(L)]["acc"] for L in lengths]
             err = [cells[str(L)]["acc_std"] or 0.0 for L in lengths]
-            ax.errorbar(xs, ys, yerr=err, marker="os^vDx"[i % 6], linestyle=styles[i % len(styles)], capsize=3,
-                        label=name, alpha=0.85)
+            ax.errorbar(
+                xs,
+                ys,
+                yerr=err,
+                marker="os^vDx"[i % 6],
+                linestyle=styles[i % len(styles)],
+                capsize=3,
+                label=name,
+                alpha=0.85,
+            )
         if chance is not None and not zoom:
             ax.axhline(chance, color="grey", linestyle=":", label=f"chance ({chance:.2f})")
         ax.set_xscale("log", base=2)
@@ -313,9 +391,14 @@ def markdown(table: dict[str, Any], lengths: list[int], L_train: int, what: str 
     head = "| model | " + " | ".join(f"{L // L_train}x ({L})" for L in lengths) + " |"
     rows = [head, "|---|" + "---|" * len(lengths)]
     for name, cells in table.items():
-        rows.append(f"| {name} | " + " | ".join(
-            f"{cells[str(L)][key]:.3f}" + (f" ± {cells[str(L)][std]:.3f}" if cells[str(L)][std] is not None else "")
-            for L in lengths) + " |")
+        rows.append(
+            f"| {name} | "
+            + " | ".join(
+                f"{cells[str(L)][key]:.3f}" + (f" ± {cells[str(L)][std]:.3f}" if cells[str(L)][std] is not None else "")
+                for L in lengths
+            )
+            + " |"
+        )
     return "\n".join(rows)
 
 
@@ -331,15 +414,28 @@ def micro(args: argparse.Namespace) -> int:
     multiples = [int(x) for x in args.multiples.split(",")]
     lengths = m.lengths(multiples)
     longest = max(lengths)
-    (out / "experiment.json").write_text(json.dumps({
-        "command": shlex.join([sys.executable, *sys.argv]), "micro": {**asdict(m), "task": m.task.as_dict()},
-        "seeds": seeds, "lengths": lengths, "trials": args.trials, "eval_seed_base": EVAL_SEED_BASE,
-        "presets": ["micro-rope", "micro-drope", "micro-nope"], "nope_control": not args.no_nope,
-        "steps_scale": args.steps_scale}, indent=2))
+    (out / "experiment.json").write_text(
+        json.dumps(
+            {
+                "command": shlex.join([sys.executable, *sys.argv]),
+                "micro": {**asdict(m), "task": m.task.as_dict()},
+                "seeds": seeds,
+                "lengths": lengths,
+                "trials": args.trials,
+                "eval_seed_base": EVAL_SEED_BASE,
+                "presets": ["micro-rope", "micro-drope", "micro-nope"],
+                "nope_control": not args.no_nope,
+                "steps_scale": args.steps_scale,
+            },
+            indent=2,
+        )
+    )
     from recalibration.config import preset
 
-    steps = {name: max(1, round(preset(name, base="x", source="x").max_steps * args.steps_scale))
-             for name in ("micro-rope", "micro-drope", "micro-nope")}
+    steps = {
+        name: max(1, round(preset(name, base="x", source="x").max_steps * args.steps_scale))
+        for name in ("micro-rope", "micro-drope", "micro-nope")
+    }
     pre_steps, rec_steps = steps["micro-rope"], steps["micro-drope"]
     with r.timed("data"):
         tok, train_docs, held = prepare_data(m, out, pre_steps + rec_steps)
@@ -354,14 +450,21 @@ def micro(args: argparse.Namespace) -> int:
         print(f"seed {seed}: training", flush=True)
         with r.timed("data"):
             base = build_base(m, tok, sd / "base", seed)
+
         def steps_of(name: str) -> list[str]:
             return [] if args.steps_scale == 1.0 else ["--max-steps", str(steps[name])]
 
         rope = train(r, "pretrain (RoPE)", "micro-rope", base, sd / "rope", train_docs, seed, steps_of("micro-rope"))
-        drope = train(r, "recalibrate (DroPE)", "micro-drope", rope, sd / "drope", train_docs, seed,
-                      steps_of("micro-drope"))
-        nope = None if args.no_nope else train(r, "NoPE from scratch", "micro-nope", base, sd / "nope", train_docs,
-                                               seed, steps_of("micro-nope"))
+        drope = train(
+            r, "recalibrate (DroPE)", "micro-drope", rope, sd / "drope", train_docs, seed, steps_of("micro-drope")
+        )
+        nope = (
+            None
+            if args.no_nope
+            else train(
+                r, "NoPE from scratch", "micro-nope", base, sd / "nope", train_docs, seed, steps_of("micro-nope")
+            )
+        )
         fit_multiples = [k for k in multiples if k > 1]
         fitted[seed] = {"DroPE": fit(r, drope, held, m, fit_multiples)}
         if nope is not None:
@@ -369,25 +472,51 @@ def micro(args: argparse.Namespace) -> int:
         print(f"seed {seed}: fitted c {fitted[seed]}; scoring", flush=True)
         per_seed[seed] = evaluate_seed(r, seed, variants(rope, drope, nope, m, longest), trial_sets, common)
     table = aggregate(per_seed, lengths)
-    summary = {"lengths": lengths, "train_context": m.train_context, "chance": m.task.chance(), "fitted_c": fitted,
-               "table": table, "seconds": {k: round(v, 1) for k, v in r.times.items()},
-               "fit_beta": {s: {k: json.loads(((out / f"seed-{s}" / k.lower() / "final" / "fit_beta" / "fit_beta.json"))
-                                               .read_text())["table"] for k in fitted[s]} for s in seeds},
-               "training": {s: {k: json.loads((out / f"seed-{s}" / k / "summary.json").read_text())
-                                for k in ("rope", "drope", "nope") if (out / f"seed-{s}" / k / "summary.json").exists()}
-                            for s in seeds}}
+    summary = {
+        "lengths": lengths,
+        "train_context": m.train_context,
+        "chance": m.task.chance(),
+        "fitted_c": fitted,
+        "table": table,
+        "seconds": {k: round(v, 1) for k, v in r.times.items()},
+        "fit_beta": {
+            s: {
+                k: json.loads((out / f"seed-{s}" / k.lower() / "final" / "fit_beta" / "fit_beta.json").read_text())[
+                    "table"
+                ]
+                for k in fitted[s]
+            }
+            for s in seeds
+        },
+        "training": {
+            s: {
+                k: json.loads((out / f"seed-{s}" / k / "summary.json").read_text())
+                for k in ("rope", "drope", "nope")
+                if (out / f"seed-{s}" / k / "summary.json").exists()
+            }
+            for s in seeds
+        },
+    }
     (out / "results.json").write_text(json.dumps(summary, indent=2))
-    plot(table, lengths, m.train_context, m.task.chance(), out / "accuracy.png",
-         f"micro {m.task.kind} task, {len(seeds)} seed(s) x {args.trials} trials")
-    report = "\n\n".join([
-        f"command: `{shlex.join(['python', 'benchmarks/long_context.py', *sys.argv[1:]])}`",
-        f"machine: {platform.machine()}, {os.cpu_count()} CPUs; wall time per phase (s): "
-        + ", ".join(f"{k} {v:.0f}" for k, v in r.times.items()),
-        "accuracy (mean ± std over training seeds):\n\n" + markdown(table, lengths, m.train_context),
-        "answer log-likelihood (nats):\n\n" + markdown(table, lengths, m.train_context, "loglik"),
-        "fitted c per seed: " + "; ".join(f"seed {s}: " + ", ".join(f"{k} {v:g}" for k, v in c.items())
-                                          for s, c in fitted.items()),
-    ])
+    plot(
+        table,
+        lengths,
+        m.train_context,
+        m.task.chance(),
+        out / "accuracy.png",
+        f"micro {m.task.kind} task, {len(seeds)} seed(s) x {args.trials} trials",
+    )
+    report = "\n\n".join(
+        [
+            f"command: `{shlex.join(['python', 'benchmarks/long_context.py', *sys.argv[1:]])}`",
+            f"machine: {platform.machine()}, {os.cpu_count()} CPUs; wall time per phase (s): "
+            + ", ".join(f"{k} {v:.0f}" for k, v in r.times.items()),
+            "accuracy (mean ± std over training seeds):\n\n" + markdown(table, lengths, m.train_context),
+            "answer log-likelihood (nats):\n\n" + markdown(table, lengths, m.train_context, "loglik"),
+            "fitted c per seed: "
+            + "; ".join(f"seed {s}: " + ", ".join(f"{k} {v:g}" for k, v in c.items()) for s, c in fitted.items()),
+        ]
+    )
     (out / "report.md").write_text(report + "\n")
     print("\n" + report)
     return 0
@@ -414,30 +543,61 @@ def real(args: argparse.Namespace) -> int:
     server_args = shlex.split(args.server_args) + ["--max-model-len", str(longest)]
     models = {
         "RoPE": (parent, ["--hf-overrides", json.dumps(rope_overrides(base_cfg, longest))]),
-        f"RoPE + YaRN x{longest / original:g}": (parent, ["--hf-overrides",
-                                                          json.dumps(yarn_overrides(base_cfg, longest, original, longest))]),
+        f"RoPE + YaRN x{longest / original:g}": (
+            parent,
+            ["--hf-overrides", json.dumps(yarn_overrides(base_cfg, longest, original, longest))],
+        ),
         "DroPE (c=0)": (drope_dir, ["--beta-coef", "0"]),
         f"DroPE (c={drope.beta_coef:g})": (drope_dir, []),
     }
-    spec = ruler.Spec(tasks=tuple(args.ruler_tasks.split(",")), lengths=tuple(lengths), trials=args.trials,
-                      seed=EVAL_SEED_BASE)
+    spec = ruler.Spec(
+        tasks=tuple(args.ruler_tasks.split(",")), lengths=tuple(lengths), trials=args.trials, seed=EVAL_SEED_BASE
+    )
     per_model = {}
     for name, (ckpt, extra) in models.items():
         path = out / f"{name.replace(' ', '_')}.json"
         if not path.exists():
-            with r.timed("serve + score"), served(r, name, ckpt, [*server_args, *extra], f"serve-{path.stem}.log") as url:
+            with (
+                r.timed("serve + score"),
+                served(r, name, ckpt, [*server_args, *extra], f"serve-{path.stem}.log") as url,
+            ):
                 results = ruler.run(url, spec, model=name)
             path.write_text(json.dumps([asdict(x) for x in results]))
         per_model[name] = json.loads(path.read_text())
     tasks = {"mean of the tasks": None, **{t: t for t in spec.tasks}}
-    tables = {label: {name: {str(L): {"acc": statistics.fmean(x["score"] for x in res if x["length"] == L
-                                                               and task in (None, x["task"])), "acc_std": None}
-                             for L in lengths} for name, res in per_model.items()}
-              for label, task in tasks.items()}
-    (out / "results.json").write_text(json.dumps({"lengths": lengths, "tasks": list(spec.tasks), "trials": args.trials,
-                                                  "server_args": server_args, "tables": tables}, indent=2))
-    plot(tables["mean of the tasks"], lengths, drope.train_context, None, out / "accuracy.png",
-         f"RULER {args.ruler_tasks}, {args.trials} trials per task and length")
+    tables = {
+        label: {
+            name: {
+                str(L): {
+                    "acc": statistics.fmean(x["score"] for x in res if x["length"] == L and task in (None, x["task"])),
+                    "acc_std": None,
+                }
+                for L in lengths
+            }
+            for name, res in per_model.items()
+        }
+        for label, task in tasks.items()
+    }
+    (out / "results.json").write_text(
+        json.dumps(
+            {
+                "lengths": lengths,
+                "tasks": list(spec.tasks),
+                "trials": args.trials,
+                "server_args": server_args,
+                "tables": tables,
+            },
+            indent=2,
+        )
+    )
+    plot(
+        tables["mean of the tasks"],
+        lengths,
+        drope.train_context,
+        None,
+        out / "accuracy.png",
+        f"RULER {args.ruler_tasks}, {args.trials} trials per task and length",
+    )
     for label, table in tables.items():
         print(f"\nRULER score, {label}:\n\n" + markdown(table, lengths, drope.train_context))
     return 0
@@ -450,13 +610,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--trials", type=int, default=500, help="trials per length (default: 500)")
     p.add_argument("--multiples", default="1,2,4,8", help="lengths as multiples of L_train (default: 1,2,4,8)")
     p.add_argument("--no-nope", action="store_true", help="skip the NoPE-from-scratch control")
-    p.add_argument("--steps-scale", type=float, default=1.0,
-                   help="scale every preset's steps (e.g. 0.1 to try the pipeline; the results then mean nothing)")
+    p.add_argument(
+        "--steps-scale",
+        type=float,
+        default=1.0,
+        help="scale every preset's steps (e.g. 0.1 to try the pipeline; the results then mean nothing)",
+    )
     g = p.add_argument_group("real checkpoints (instead of the micro models)")
     g.add_argument("--drope", default=None, help="a DroPE checkpoint (directory or alias), c as in its config.json")
     g.add_argument("--parent", default=None, help="its RoPE parent (directory, alias or hub id)")
-    g.add_argument("--ruler-tasks", default="niah_single_1,niah_multikey_1,niah_multivalue",
-                   help="loadtest.ruler tasks to score (default: niah_single_1,niah_multikey_1,niah_multivalue)")
+    g.add_argument(
+        "--ruler-tasks",
+        default="niah_single_1,niah_multikey_1,niah_multivalue",
+        help="loadtest.ruler tasks to score (default: niah_single_1,niah_multikey_1,niah_multivalue)",
+    )
     g.add_argument("--server-args", default="", help="extra drope-server flags, e.g. '--tensor-parallel-size 8'")
     args = p.parse_args(argv)
     if bool(args.drope) != bool(args.parent):

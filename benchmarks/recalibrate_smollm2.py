@@ -71,41 +71,78 @@ def main(argv=None) -> int:
     ppl_dropped, sample_dropped = measure(dropped_dir, held, windows)
 
     t0 = time.perf_counter()
-    rc = run_main(["--preset", "smollm2-135m", "--output-dir", str(out), "--overwrite", "--max-steps", str(args.steps),
-                   "--set", f"eval_every={args.eval_every}", "--set", f"save_every={args.eval_every}",
-                   "--set", "eval_batches=4"])
+    rc = run_main(
+        [
+            "--preset",
+            "smollm2-135m",
+            "--output-dir",
+            str(out),
+            "--overwrite",
+            "--max-steps",
+            str(args.steps),
+            "--set",
+            f"eval_every={args.eval_every}",
+            "--set",
+            f"save_every={args.eval_every}",
+            "--set",
+            "eval_batches=4",
+        ]
+    )
     train_s = time.perf_counter() - t0
     if rc != 0:
         return rc
     summary = json.loads((out / "summary.json").read_text())
-    state = json.loads(sorted((out / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[-1]
-                       .joinpath("trainer_state.json").read_text())
+    state = json.loads(
+        sorted((out / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[-1]
+        .joinpath("trainer_state.json")
+        .read_text()
+    )
     curve = [(h["step"], math.exp(h["eval_loss"])) for h in state["log_history"] if "eval_loss" in h]
     final = out / "final"
     ppl_final, sample_final = measure(final, held, windows)
-    fit = fit_beta.fit(str(final), "builtin:essays", engine_namespace(["--dtype", "float32"]), "2x,4x",
-                       [0.0, 0.1, 0.2, 0.3, 0.4, 0.6], windows=2, fresh=True, log=lambda *_: None)
+    fit = fit_beta.fit(
+        str(final),
+        "builtin:essays",
+        engine_namespace(["--dtype", "float32"]),
+        "2x,4x",
+        [0.0, 0.1, 0.2, 0.3, 0.4, 0.6],
+        windows=2,
+        fresh=True,
+        log=lambda *_: None,
+    )
     fit_beta.write_coef(final, fit["best_coef"], fit["mode"])
-    within = next(((s, s * summary["tokens_trained"] // summary["steps"]) for s, p in curve if p <= 1.1 * ppl_rope), None)
+    within = next(
+        ((s, s * summary["tokens_trained"] // summary["steps"]) for s, p in curve if p <= 1.1 * ppl_rope), None
+    )
 
     print("\n=== SmolLM2-135M recalibration on CPU (RoPE removed, nope, L = 512) ===")
     print(f"command : python benchmarks/recalibrate_smollm2.py {' '.join(argv if argv is not None else sys.argv[1:])}")
-    print(f"machine : {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, fp32 (perplexity on vLLM); "
-          f"held-out: first 2 "
-          f"Paul Graham essays, {windows} windows of 512 tokens ({len(held)} held-out tokens)")
+    print(
+        f"machine : {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, fp32 (perplexity on vLLM); "
+        f"held-out: first 2 "
+        f"Paul Graham essays, {windows} windows of 512 tokens ({len(held)} held-out tokens)"
+    )
     print(f"perplexity with RoPE (original)      : {ppl_rope:.2f}")
     print(f"perplexity right after dropping RoPE : {ppl_dropped:.2f}")
     for s, p in curve:
-        print(f"  step {s:>4} ({s * summary['tokens_trained'] // summary['steps']:>7} tokens): held-out ppl {p:.2f} "
-              "(trainer eval, up to eval_batches x micro_batch held-out windows)")
+        print(
+            f"  step {s:>4} ({s * summary['tokens_trained'] // summary['steps']:>7} tokens): held-out ppl {p:.2f} "
+            "(trainer eval, up to eval_batches x micro_batch held-out windows)"
+        )
     print(f"perplexity after {summary['steps']} steps ({summary['tokens_trained']:,} tokens): {ppl_final:.2f}")
-    print(f"training speed                        : {summary['tokens_trained'] / train_s:.0f} tokens/s "
-          f"(wall, incl. evals and checkpoints; {train_s / 60:.1f} min)")
+    print(
+        f"training speed                        : {summary['tokens_trained'] / train_s:.0f} tokens/s "
+        f"(wall, incl. evals and checkpoints; {train_s / 60:.1f} min)"
+    )
     best_row = fit["table"][f"{fit['best_coef']:g}"]
     edge = " (top of the grid: the optimum may lie higher)" if fit["best_coef"] == max(map(float, fit["table"])) else ""
-    print(f"fitted c (2x, 4x)                     : {fit['best_coef']:g}{edge}  "
-          + "  ".join(f"ppl@{L}={best_row[str(L)]:.1f}" for L in fit["lengths"]))
-    print(f"within 10% of RoPE perplexity         : {f'step {within[0]} ({within[1]} tokens)' if within else 'not reached'}")
+    print(
+        f"fitted c (2x, 4x)                     : {fit['best_coef']:g}{edge}  "
+        + "  ".join(f"ppl@{L}={best_row[str(L)]:.1f}" for L in fit["lengths"])
+    )
+    print(
+        f"within 10% of RoPE perplexity         : {f'step {within[0]} ({within[1]} tokens)' if within else 'not reached'}"
+    )
     print(f"greedy, RoPE     : {sample_rope!r}")
     print(f"greedy, dropped  : {sample_dropped!r}")
     print(f"greedy, recalib. : {sample_final!r}")

@@ -45,7 +45,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(kind: str, model_dir: Path, flags: list[str], env: dict[str, str | None], log: Path) -> tuple[subprocess.Popen, int]:
+def start(
+    kind: str, model_dir: Path, flags: list[str], env: dict[str, str | None], log: Path
+) -> tuple[subprocess.Popen, int]:
     port = free_port()
     # A value of None removes the variable (e.g. LD_PRELOAD for a variant without it).
     env = {k: v for k, v in {**os.environ, "HF_HUB_OFFLINE": "1", **env}.items() if v is not None}
@@ -85,12 +87,34 @@ def vllm_bench(port: int, tokenizer: Path, prompts: int, conc: int, inp: int, ou
 
     parser = FlexibleArgumentParser()
     add_cli_args(parser)
-    args = parser.parse_args([
-        "--backend", "openai", "--base-url", f"http://127.0.0.1:{port}", "--model", "m",
-        "--tokenizer", str(tokenizer), "--dataset-name", "random", "--random-input-len", str(inp),
-        "--random-output-len", str(out), "--num-prompts", str(prompts), "--max-concurrency", str(conc),
-        "--ignore-eos", "--seed", str(conc), "--percentile-metrics", "ttft,tpot,itl,e2el", "--disable-tqdm",
-    ])
+    args = parser.parse_args(
+        [
+            "--backend",
+            "openai",
+            "--base-url",
+            f"http://127.0.0.1:{port}",
+            "--model",
+            "m",
+            "--tokenizer",
+            str(tokenizer),
+            "--dataset-name",
+            "random",
+            "--random-input-len",
+            str(inp),
+            "--random-output-len",
+            str(out),
+            "--num-prompts",
+            str(prompts),
+            "--max-concurrency",
+            str(conc),
+            "--ignore-eos",
+            "--seed",
+            str(conc),
+            "--percentile-metrics",
+            "ttft,tpot,itl,e2el",
+            "--disable-tqdm",
+        ]
+    )
     return main(args)
 
 
@@ -148,8 +172,9 @@ def long_prompt(port: int, n_tokens: int, decode: int, pid: int) -> dict:
 
     text = " ".join(p.read_text() for p in sorted(paul_graham_essays_dir().glob("*.txt")))
     base = f"http://127.0.0.1:{port}"
-    ids = httpx.post(base + "/tokenize", json={"model": "m", "prompt": text, "add_special_tokens": False},
-                     timeout=600).json()["tokens"][:n_tokens]
+    ids = httpx.post(
+        base + "/tokenize", json={"model": "m", "prompt": text, "add_special_tokens": False}, timeout=600
+    ).json()["tokens"][:n_tokens]
     rss = PeakRSS(pid)
     t0, first, n = time.perf_counter(), None, 0
     body = {"model": "m", "prompt": ids, "max_tokens": decode, "min_tokens": decode, "temperature": 0, "stream": True}
@@ -160,8 +185,13 @@ def long_prompt(port: int, n_tokens: int, decode: int, pid: int) -> dict:
                 n += 1
                 first = first or time.perf_counter()
     end = time.perf_counter()
-    return {"prompt_tokens": len(ids), "ttft_s": first - t0, "decode_tok_s": (n - 1) / (end - first),
-            "idle_rss": rss.idle, "peak_rss": rss.close()}
+    return {
+        "prompt_tokens": len(ids),
+        "ttft_s": first - t0,
+        "decode_tok_s": (n - 1) / (end - first),
+        "idle_rss": rss.idle,
+        "peak_rss": rss.close(),
+    }
 
 
 def all_cores_env() -> dict[str, str]:
@@ -191,20 +221,32 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp_s:
         tmp = Path(tmp_s)
         for name in args.models.split(","):
-            model_dir = (build_tiny_checkpoint(tmp / "tiny", "llama", hidden_size=256, num_layers=4,
-                                               max_position_embeddings=4096) if name == "tiny" else smollm2_hf_dir())
+            model_dir = (
+                build_tiny_checkpoint(
+                    tmp / "tiny", "llama", hidden_size=256, num_layers=4, max_position_embeddings=4096
+                )
+                if name == "tiny"
+                else smollm2_hf_dir()
+            )
             # Both servers up at once, measured in alternating order, median of the rounds:
             # run-to-run drift on a shared 2-core machine is larger than the overhead sought.
-            servers = {kind: start(kind, model_dir, flags, same_env, tmp / f"{name}-{kind}.log") for kind in ("vllm", "ours")}
+            servers = {
+                kind: start(kind, model_dir, flags, same_env, tmp / f"{name}-{kind}.log") for kind in ("vllm", "ours")
+            }
             try:
                 for conc in (1, 16):
                     runs: dict[str, list[dict]] = {"vllm": [], "ours": []}
                     for i in range(args.rounds):
-                        for kind in (("vllm", "ours") if i % 2 == 0 else ("ours", "vllm")):
-                            runs[kind].append(vllm_bench(servers[kind][1], model_dir, args.prompts, conc,
-                                                         args.input_len, args.output_len))
-                    res = {kind: {m: statistics.median(r[m] for r in rs) for m in ("output_throughput", "median_ttft_ms")}
-                           for kind, rs in runs.items()}
+                        for kind in ("vllm", "ours") if i % 2 == 0 else ("ours", "vllm"):
+                            runs[kind].append(
+                                vllm_bench(
+                                    servers[kind][1], model_dir, args.prompts, conc, args.input_len, args.output_len
+                                )
+                            )
+                    res = {
+                        kind: {m: statistics.median(r[m] for r in rs) for m in ("output_throughput", "median_ttft_ms")}
+                        for kind, rs in runs.items()
+                    }
                     overhead.append((name, conc, res))
             finally:
                 for proc, _ in servers.values():
@@ -212,16 +254,22 @@ def main(argv=None) -> int:
             for _, conc, res in overhead[-2:]:
                 if not args.skip_transformers:
                     res["hf"] = bench_transformers(model_dir, args.prompts, conc, args.input_len, args.output_len)
-                print(f"[{name} c={conc}] " + ", ".join(f"{k} {v['output_throughput']:.0f} tok/s" for k, v in res.items()),
-                      file=sys.stderr, flush=True)
+                print(
+                    f"[{name} c={conc}] "
+                    + ", ".join(f"{k} {v['output_throughput']:.0f} tok/s" for k, v in res.items()),
+                    file=sys.stderr,
+                    flush=True,
+                )
         import torch
 
         if not args.skip_defaults and not torch.cuda.is_available():
             smol = smollm2_hf_dir()
             drope = tmp / "smollm2-drope"
             convert(smol, drope, attention_type="nope", train_context=8192, beta_coef=0.1, overwrite=True)
-            for label, env in (("vLLM-CPU default (auto binding)", {"VLLM_CPU_OMP_THREADS_BIND": "auto"}),
-                               ("every core to the worker (ours)", {})):
+            for label, env in (
+                ("vLLM-CPU default (auto binding)", {"VLLM_CPU_OMP_THREADS_BIND": "auto"}),
+                ("every core to the worker (ours)", {}),
+            ):
                 row = {}
                 for conc in (1, 16):
                     proc, port = start("ours", smol, ["--max-num-seqs", "16"], env, tmp / f"d-{conc}.log")
@@ -229,8 +277,13 @@ def main(argv=None) -> int:
                         row[conc] = vllm_bench(port, smol, args.prompts, conc, args.input_len, args.output_len)
                     finally:
                         stop(proc)
-                proc, port = start("ours", drope, ["--max-model-len", str(args.long_tokens + 128),
-                                                   "--kv-cache-memory-bytes", str(KV_BYTES)], env, tmp / "d-long.log")
+                proc, port = start(
+                    "ours",
+                    drope,
+                    ["--max-model-len", str(args.long_tokens + 128), "--kv-cache-memory-bytes", str(KV_BYTES)],
+                    env,
+                    tmp / "d-long.log",
+                )
                 try:
                     row["long"] = long_prompt(port, args.long_tokens, 64, proc.pid)
                 finally:
@@ -242,27 +295,39 @@ def main(argv=None) -> int:
 
     print("\n=== serving: drope-server vs vanilla vLLM server vs transformers; CPU defaults ===")
     print(f"command : python benchmarks/serving.py {' '.join(argv if argv is not None else sys.argv[1:])}")
-    print(f"machine : {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, vllm {vllm.__version__}; "
-          f"{args.prompts} requests of {args.input_len} + {args.output_len} tokens (vllm bench serve, random, ignore_eos)")
+    print(
+        f"machine : {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, vllm {vllm.__version__}; "
+        f"{args.prompts} requests of {args.input_len} + {args.output_len} tokens (vllm bench serve, random, ignore_eos)"
+    )
     print("part 1  : float32, eager, 16 seqs, 1 GiB KV, same env for both servers: " + str(same_env))
-    print(f"{'model':<8}{'conc':>5}{'ours tok/s':>11}{'vLLM tok/s':>11}{'HF tok/s':>9}{'ours/vLLM':>10}{'ours/HF':>8}"
-          f"{'TTFT p50 ms ours/vLLM':>23}{'ratio':>7}")
+    print(
+        f"{'model':<8}{'conc':>5}{'ours tok/s':>11}{'vLLM tok/s':>11}{'HF tok/s':>9}{'ours/vLLM':>10}{'ours/HF':>8}"
+        f"{'TTFT p50 ms ours/vLLM':>23}{'ratio':>7}"
+    )
     for name, conc, r in overhead:
         o, v, h = r["ours"], r["vllm"], r.get("hf")
-        print(f"{name:<8}{conc:>5}{o['output_throughput']:>11.0f}{v['output_throughput']:>11.0f}"
-              f"{h['output_throughput'] if h else float('nan'):>9.0f}"
-              f"{o['output_throughput'] / v['output_throughput']:>10.3f}"
-              f"{o['output_throughput'] / h['output_throughput'] if h else float('nan'):>8.2f}"
-              f"{o['median_ttft_ms']:>13.1f} /{v['median_ttft_ms']:>8.1f}{o['median_ttft_ms'] / v['median_ttft_ms']:>7.3f}")
+        print(
+            f"{name:<8}{conc:>5}{o['output_throughput']:>11.0f}{v['output_throughput']:>11.0f}"
+            f"{h['output_throughput'] if h else float('nan'):>9.0f}"
+            f"{o['output_throughput'] / v['output_throughput']:>10.3f}"
+            f"{o['output_throughput'] / h['output_throughput'] if h else float('nan'):>8.2f}"
+            f"{o['median_ttft_ms']:>13.1f} /{v['median_ttft_ms']:>8.1f}{o['median_ttft_ms'] / v['median_ttft_ms']:>7.3f}"
+        )
     if defaults:
-        print("part 2  : SmolLM2-135M (float32, as the embedded default is served) through drope-server; "
-              "16K prompt on its DroPE conversion (L_train 8192)")
-        print(f"{'layout':<42}{'c=1 tok/s':>10}{'c=16 tok/s':>11}{'c=16 TTFT p50 ms':>17}{'16K TTFT s':>11}"
-              f"{'decode tok/s':>13}{'peak RSS GiB':>13}")
+        print(
+            "part 2  : SmolLM2-135M (float32, as the embedded default is served) through drope-server; "
+            "16K prompt on its DroPE conversion (L_train 8192)"
+        )
+        print(
+            f"{'layout':<42}{'c=1 tok/s':>10}{'c=16 tok/s':>11}{'c=16 TTFT p50 ms':>17}{'16K TTFT s':>11}"
+            f"{'decode tok/s':>13}{'peak RSS GiB':>13}"
+        )
         for label, _, r in defaults:
             lg = r["long"]
-            print(f"{label:<42}{r[1]['output_throughput']:>10.1f}{r[16]['output_throughput']:>11.1f}"
-                  f"{r[16]['median_ttft_ms']:>17.0f}{lg['ttft_s']:>11.1f}{lg['decode_tok_s']:>13.1f}{lg['peak_rss'] / 2**30:>13.2f}")
+            print(
+                f"{label:<42}{r[1]['output_throughput']:>10.1f}{r[16]['output_throughput']:>11.1f}"
+                f"{r[16]['median_ttft_ms']:>17.0f}{lg['ttft_s']:>11.1f}{lg['decode_tok_s']:>13.1f}{lg['peak_rss'] / 2**30:>13.2f}"
+            )
     return 0
 
 

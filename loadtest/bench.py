@@ -80,8 +80,10 @@ class Spec:
             (self.max_concurrency is None or self.max_concurrency >= 1, "--max-concurrency must be at least 1"),
             (self.warmup >= 0, "--num-warmups must not be negative"),
             (self.endpoint in BACKENDS, f"--endpoint must be one of {sorted(BACKENDS)}"),
-            (self.duration is None or (self.duration > 0 and math.isfinite(self.request_rate)),
-             "--duration caps the requests sent at --request-rate: it needs a finite rate"),
+            (
+                self.duration is None or (self.duration > 0 and math.isfinite(self.request_rate)),
+                "--duration caps the requests sent at --request-rate: it needs a finite rate",
+            ),
         ]:
             if not ok:
                 raise EndpointError(msg)
@@ -116,12 +118,15 @@ def make_requests(spec: Spec, tok: ServerTokenizer, text: str) -> list[SampleReq
         # It reads only these two of a tokenizer; vocab_size bounds the offsets it draws last for vLLM's
         # random tokens, which prose does not use.
         lengths_only = SimpleNamespace(num_special_tokens_to_add=lambda: n_special, vocab_size=1)
-        ins, outs, _ = get_sampling_params(rng, spec.count, spec.range_ratio, spec.input_len, spec.output_len,
-                                           lengths_only)
+        ins, outs, _ = get_sampling_params(
+            rng, spec.count, spec.range_ratio, spec.input_len, spec.output_len, lengths_only
+        )
         lengths = list(zip(ins.tolist(), outs.tolist(), strict=True))
     if min(n for n, _ in lengths) < 1 or min(n for _, n in lengths) < 1:
-        raise EndpointError(f"every request needs at least one output token and one prompt token besides "
-                            f"the {n_special} special tokens the server adds")
+        raise EndpointError(
+            f"every request needs at least one output token and one prompt token besides "
+            f"the {n_special} special tokens the server adds"
+        )
     longest = max(n for n, _ in lengths)
     ids = tok.encode(text[: 8 * longest + 20_000])  # ~4 characters a token: several windows' worth
     ids = ids * (longest // max(1, len(ids)) + 1)
@@ -131,8 +136,14 @@ def make_requests(spec: Spec, tok: ServerTokenizer, text: str) -> list[SampleReq
     for i, (n, n_out) in enumerate(lengths):
         at = int(rng.integers(0, len(ids) - n + 1))
         window = ids[at : at + n]
-        reqs.append(SampleRequest(prompt=start + window if spec.endpoint == "completions" else tok.decode(window),
-                                  prompt_len=n + n_special, expected_output_len=n_out, request_id=prefix + str(i)))
+        reqs.append(
+            SampleRequest(
+                prompt=start + window if spec.endpoint == "completions" else tok.decode(window),
+                prompt_len=n + n_special,
+                expected_output_len=n_out,
+                request_id=prefix + str(i),
+            )
+        )
     return reqs
 
 
@@ -161,12 +172,20 @@ class Recorder:
         """The sent requests in benchmark()'s order, so that means sum in its order, to the last bit."""
         from vllm.benchmarks.lib.endpoint_request_func import RequestFuncOutput
 
-        return [self.done.get(rid) or RequestFuncOutput(prompt_len=self.sent[rid].prompt_len, error=CANCELLED)
-                for rid in self.order if rid in self.sent]
+        return [
+            self.done.get(rid) or RequestFuncOutput(prompt_len=self.sent[rid].prompt_len, error=CANCELLED)
+            for rid in self.order
+            if rid in self.sent
+        ]
 
 
-async def run_load(ep: Endpoint, spec: Spec, requests: list[SampleRequest], progress: bool = True,
-                   goodput: dict[str, float] | None = None) -> dict[str, Any]:
+async def run_load(
+    ep: Endpoint,
+    spec: Spec,
+    requests: list[SampleRequest],
+    progress: bool = True,
+    goodput: dict[str, float] | None = None,
+) -> dict[str, Any]:
     """One server under vLLM's benchmark(), called as `vllm bench serve` calls it for these flags."""
     import numpy as np
     from vllm.benchmarks import serve
@@ -185,24 +204,49 @@ async def run_load(ep: Endpoint, spec: Spec, requests: list[SampleRequest], prog
         random.seed(spec.seed)  # as `vllm bench serve --seed`: numpy's global RNG draws the arrival times
         np.random.seed(spec.seed)
         freeze_gc_heap()
-        run = asyncio.ensure_future(serve.benchmark(
-            task_type=serve.TaskType.GENERATION, endpoint_type=key, api_url=ep.base_url + path,
-            base_url=ep.base_url.removesuffix("/v1"), model_id=ep.model, model_name=None, tokenizer=tokenizer,
-            input_requests=requests, logprobs=None, request_rate=spec.request_rate, burstiness=spec.burstiness,
-            disable_tqdm=not progress, num_warmups=spec.warmup, profile=False,
-            selected_percentile_metrics=list(METRICS), selected_percentiles=PERCENTILES, ignore_eos=spec.ignore_eos,
-            goodput_config_dict=goodput or {}, max_concurrency=spec.max_concurrency, lora_modules=None,
-            extra_headers=ep.headers or None, extra_body=spec.extra_body, ready_check_timeout_sec=0))
+        run = asyncio.ensure_future(
+            serve.benchmark(
+                task_type=serve.TaskType.GENERATION,
+                endpoint_type=key,
+                api_url=ep.base_url + path,
+                base_url=ep.base_url.removesuffix("/v1"),
+                model_id=ep.model,
+                model_name=None,
+                tokenizer=tokenizer,
+                input_requests=requests,
+                logprobs=None,
+                request_rate=spec.request_rate,
+                burstiness=spec.burstiness,
+                disable_tqdm=not progress,
+                num_warmups=spec.warmup,
+                profile=False,
+                selected_percentile_metrics=list(METRICS),
+                selected_percentiles=PERCENTILES,
+                ignore_eos=spec.ignore_eos,
+                goodput_config_dict=goodput or {},
+                max_concurrency=spec.max_concurrency,
+                lora_modules=None,
+                extra_headers=ep.headers or None,
+                extra_body=spec.extra_body,
+                ready_check_timeout_sec=0,
+            )
+        )
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):  # not the main thread / platform
             loop.add_signal_handler(signal.SIGINT, run.cancel)
         with contextlib.redirect_stdout(sys.stderr):  # vLLM's report; stdout keeps our table
             await asyncio.wait({run})
             interrupted = run.cancelled()
             if interrupted:  # benchmark() closes its aiohttp session at its end only: leave it to the GC quietly
-                loop.set_exception_handler(lambda lp, ctx: None if ctx.get("message", "").startswith("Unclosed")
-                                           else lp.default_exception_handler(ctx))
-            duration = (max(time.perf_counter() - (recorder.first_sent or time.perf_counter()), 1e-9)
-                        if interrupted else run.result()["duration"])
+                loop.set_exception_handler(
+                    lambda lp, ctx: (
+                        None if ctx.get("message", "").startswith("Unclosed") else lp.default_exception_handler(ctx)
+                    )
+                )
+            duration = (
+                max(time.perf_counter() - (recorder.first_sent or time.perf_counter()), 1e-9)
+                if interrupted
+                else run.result()["duration"]
+            )
             outputs = recorder.outputs()
             metrics, _ = serve.calculate_metrics([], outputs, duration, tokenizer, PERCENTILES, goodput or {})
     finally:
@@ -210,8 +254,12 @@ async def run_load(ep: Endpoint, spec: Spec, requests: list[SampleRequest], prog
             loop.remove_signal_handler(signal.SIGINT)
         ASYNC_REQUEST_FUNCS.pop(key)
         gc.unfreeze()
-    return {"duration": duration, **asdict(metrics), "interrupted": interrupted,
-            "samples": [asdict(o) for o in outputs]}
+    return {
+        "duration": duration,
+        **asdict(metrics),
+        "interrupted": interrupted,
+        "samples": [asdict(o) for o in outputs],
+    }
 
 
 def stat(r: dict[str, Any], metric: str, name: str) -> float:
@@ -243,21 +291,29 @@ def plot_latency_cdf(results: list[tuple[str, dict[str, Any]]], path: Path) -> P
 
 
 def format_summary(results: list[tuple[str, dict[str, Any]]], spec: Spec, command: str) -> str:
-    lines = ["", "=" * 20 + " loadtest.bench " + "=" * 20, f"command : {command}",
-             f"machine : {platform.machine()}, {platform.node()}",
-             f"spec    : {spec.endpoint}, input {spec.input_len} (range ratio {spec.range_ratio}), output {spec.output_len}, "
-             f"{spec.count} requests, rate {spec.request_rate} (burstiness {spec.burstiness}), "
-             f"max concurrency {spec.max_concurrency}"]
+    lines = [
+        "",
+        "=" * 20 + " loadtest.bench " + "=" * 20,
+        f"command : {command}",
+        f"machine : {platform.machine()}, {platform.node()}",
+        f"spec    : {spec.endpoint}, input {spec.input_len} (range ratio {spec.range_ratio}), output {spec.output_len}, "
+        f"{spec.count} requests, rate {spec.request_rate} (burstiness {spec.burstiness}), "
+        f"max concurrency {spec.max_concurrency}",
+    ]
     for i, (name, _) in enumerate(results, 1):
         lines.append(f"server {i}: {name}")
     head = f"{'metric':<30}" + "".join(f"{'server ' + str(i):>24}" for i in range(1, len(results) + 1))
     lines.append(head + ("   ratio 2/1" if len(results) == 2 else ""))
-    rows = [("completed", "completed"), ("failed", "failed"), ("duration (s)", "duration"),
-            ("request throughput (req/s)", "request_throughput"),
-            *([("request goodput (req/s)", "request_goodput")] if results[0][1]["goodput_slo_ms"] else []),
-            ("output throughput (tok/s)", "output_throughput"),
-            ("peak output throughput (tok/s)", "max_output_tokens_per_s"),
-            ("total throughput (tok/s)", "total_token_throughput")]
+    rows = [
+        ("completed", "completed"),
+        ("failed", "failed"),
+        ("duration (s)", "duration"),
+        ("request throughput (req/s)", "request_throughput"),
+        *([("request goodput (req/s)", "request_goodput")] if results[0][1]["goodput_slo_ms"] else []),
+        ("output throughput (tok/s)", "output_throughput"),
+        ("peak output throughput (tok/s)", "max_output_tokens_per_s"),
+        ("total throughput (tok/s)", "total_token_throughput"),
+    ]
     rows += [(f"{m.upper()} {s} (ms)", (m, s)) for m in METRICS for s in ("mean", "p50", "p90", "p99")]
     for label, key in rows:
         vals = [stat(r, *key) if isinstance(key, tuple) else r[key] for _, r in results]
@@ -278,31 +334,70 @@ def format_summary(results: list[tuple[str, dict[str, Any]]], spec: Spec, comman
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m loadtest.bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m loadtest.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--base-url", required=True, help="server root, e.g. http://127.0.0.1:8000")
     p.add_argument("--model", default=None, help="model name (default: the one the server lists)")
     p.add_argument("--api-key", default=None, help="bearer token, if the server wants one")
-    p.add_argument("--endpoint", choices=sorted(BACKENDS), default="completions",
-                   help="completions (vLLM's backend openai) or chat (openai-chat) (default: completions)")
-    p.add_argument("--input-len", "--random-input-len", type=int, default=512,
-                   help="prompt tokens, the server's special tokens included (default: 512)")
-    p.add_argument("--output-len", "--random-output-len", type=int, default=128, help="output tokens, EOS ignored (default: 128)")
-    p.add_argument("--range-ratio", "--random-range-ratio", type=float, default=0.0,
-                   help="0: fixed lengths; r in (0, 1): uniform in [1 - r, 1 + r] x the lengths, as vLLM's (default: 0)")
-    p.add_argument("--temperature", type=float, default=None,
-                   help="sampling temperature sent with every request (default: none sent, the server's default)")
+    p.add_argument(
+        "--endpoint",
+        choices=sorted(BACKENDS),
+        default="completions",
+        help="completions (vLLM's backend openai) or chat (openai-chat) (default: completions)",
+    )
+    p.add_argument(
+        "--input-len",
+        "--random-input-len",
+        type=int,
+        default=512,
+        help="prompt tokens, the server's special tokens included (default: 512)",
+    )
+    p.add_argument(
+        "--output-len", "--random-output-len", type=int, default=128, help="output tokens, EOS ignored (default: 128)"
+    )
+    p.add_argument(
+        "--range-ratio",
+        "--random-range-ratio",
+        type=float,
+        default=0.0,
+        help="0: fixed lengths; r in (0, 1): uniform in [1 - r, 1 + r] x the lengths, as vLLM's (default: 0)",
+    )
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=None,
+        help="sampling temperature sent with every request (default: none sent, the server's default)",
+    )
     p.add_argument("--lengths-file", default=None, help="JSONL of {input_len, output_len}, cycled")
     p.add_argument("--num-requests", "--num-prompts", type=int, default=100, help="measured requests (default: 100)")
-    p.add_argument("--duration", type=float, default=None,
-                   help="send at most duration x --request-rate requests (needs a finite rate)")
-    p.add_argument("--request-rate", type=float, default=math.inf, help="arrivals per second (default: inf, all at once)")
-    p.add_argument("--burstiness", type=float, default=1.0, help="1: Poisson arrivals; else gamma, as vLLM's (default: 1)")
+    p.add_argument(
+        "--duration",
+        type=float,
+        default=None,
+        help="send at most duration x --request-rate requests (needs a finite rate)",
+    )
+    p.add_argument(
+        "--request-rate", type=float, default=math.inf, help="arrivals per second (default: inf, all at once)"
+    )
+    p.add_argument(
+        "--burstiness", type=float, default=1.0, help="1: Poisson arrivals; else gamma, as vLLM's (default: 1)"
+    )
     p.add_argument("--max-concurrency", type=int, default=None, help="requests in flight at most (default: no limit)")
-    p.add_argument("--goodput", nargs="+", default=None, metavar="KEY:MS",
-                   help="SLOs for goodput, as vllm bench serve: ttft:MS tpot:MS e2el:MS")
-    p.add_argument("--warmup", "--num-warmups", type=int, default=2,
-                   help="unmeasured warm-up requests, vLLM's: the first prompt, sent this many times (default: 2)")
+    p.add_argument(
+        "--goodput",
+        nargs="+",
+        default=None,
+        metavar="KEY:MS",
+        help="SLOs for goodput, as vllm bench serve: ttft:MS tpot:MS e2el:MS",
+    )
+    p.add_argument(
+        "--warmup",
+        "--num-warmups",
+        type=int,
+        default=2,
+        help="unmeasured warm-up requests, vLLM's: the first prompt, sent this many times (default: 2)",
+    )
     p.add_argument("--respect-eos", action="store_true", help="stop at EOS instead of always generating --output-len")
     p.add_argument("--seed", type=int, default=0, help="prompt and arrival seed (default: 0)")
     p.add_argument("--compare", default=None, help="second server: same requests and arrivals, results side by side")
@@ -322,13 +417,25 @@ def main(argv: list[str] | None = None) -> int:
         except ImportError as e:
             from model_patches.config import VLLM_EXTRAS
 
-            raise EndpointError(f"this is vLLM's benchmark engine, and vllm does not import ({e}): "
-                                f"{VLLM_EXTRAS}") from None
-        spec = Spec(input_len=args.input_len, output_len=args.output_len, range_ratio=args.range_ratio,
-                    lengths_file=args.lengths_file, num_requests=args.num_requests, duration=args.duration,
-                    request_rate=args.request_rate, burstiness=args.burstiness, max_concurrency=args.max_concurrency,
-                    warmup=args.warmup, endpoint=args.endpoint, seed=args.seed, ignore_eos=not args.respect_eos,
-                    temperature=args.temperature)
+            raise EndpointError(
+                f"this is vLLM's benchmark engine, and vllm does not import ({e}): {VLLM_EXTRAS}"
+            ) from None
+        spec = Spec(
+            input_len=args.input_len,
+            output_len=args.output_len,
+            range_ratio=args.range_ratio,
+            lengths_file=args.lengths_file,
+            num_requests=args.num_requests,
+            duration=args.duration,
+            request_rate=args.request_rate,
+            burstiness=args.burstiness,
+            max_concurrency=args.max_concurrency,
+            warmup=args.warmup,
+            endpoint=args.endpoint,
+            seed=args.seed,
+            ignore_eos=not args.respect_eos,
+            temperature=args.temperature,
+        )
         goodput = check_goodput_args(args)
         targets = [connect(args.base_url, args.model, args.api_key)]
         if args.compare:
@@ -348,15 +455,24 @@ def main(argv: list[str] | None = None) -> int:
         if res["interrupted"]:
             print("interrupted: partial results", file=sys.stderr)
             break
-    print(format_summary(results, spec, " ".join(["python -m loadtest.bench", *(argv if argv is not None else sys.argv[1:])])))
+    print(
+        format_summary(
+            results, spec, " ".join(["python -m loadtest.bench", *(argv if argv is not None else sys.argv[1:])])
+        )
+    )
     if args.out:
         out = Path(args.out)
         info = run_info("loadtest.bench", argv)
         info["versions"]["vllm"] = vllm_version
-        servers = {f"server{i}": {"name": name, "card": ep.card, **r}
-                   for i, ((name, r), ep) in enumerate(zip(results, targets, strict=False), 1)}
-        out.write_text(json.dumps({**info, "spec": asdict(spec), "goodput_slo_ms": goodput, "results": servers},
-                                  indent=2, default=str))
+        servers = {
+            f"server{i}": {"name": name, "card": ep.card, **r}
+            for i, ((name, r), ep) in enumerate(zip(results, targets, strict=False), 1)
+        }
+        out.write_text(
+            json.dumps(
+                {**info, "spec": asdict(spec), "goodput_slo_ms": goodput, "results": servers}, indent=2, default=str
+            )
+        )
         plot_latency_cdf(results, out.with_suffix(".cdf.png"))
     return 0
 

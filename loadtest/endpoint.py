@@ -72,8 +72,10 @@ class ServerTokenizer:
     def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         r = self.client.post(f"{self.root}/{path}", json={"model": self.ep.model, **body})
         if r.status_code != 200:
-            raise EndpointError(f"{self.root}/{path} answered {r.status_code}: {r.text[:200]} "
-                                "(the tools tokenise through the server: it must offer vLLM's /tokenize)")
+            raise EndpointError(
+                f"{self.root}/{path} answered {r.status_code}: {r.text[:200]} "
+                "(the tools tokenise through the server: it must offer vLLM's /tokenize)"
+            )
         return r.json()
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
@@ -81,7 +83,9 @@ class ServerTokenizer:
         if key not in self._cache:
             if len(self._cache) > 4096:
                 self._cache.clear()
-            self._cache[key] = self._post("tokenize", {"prompt": text, "add_special_tokens": add_special_tokens})["tokens"]
+            self._cache[key] = self._post("tokenize", {"prompt": text, "add_special_tokens": add_special_tokens})[
+                "tokens"
+            ]
         return list(self._cache[key])
 
     def __call__(self, text: str, add_special_tokens: bool = True) -> SimpleNamespace:
@@ -107,8 +111,9 @@ class ServerTokenizer:
         """Tokens the chat template adds around a user turn and a continued assistant turn (RULER's
         model_template_token): asked of /tokenize with messages, minus the two contents' own tokens."""
         messages = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
-        n = self._post("tokenize", {"messages": messages, "add_generation_prompt": False,
-                                    "continue_final_message": True})["count"]
+        n = self._post(
+            "tokenize", {"messages": messages, "add_generation_prompt": False, "continue_final_message": True}
+        )["count"]
         return n - len(self.encode("x")) - len(self.encode("y"))
 
 
@@ -126,7 +131,9 @@ def run_info(tool: str, argv: list[str] | None) -> dict[str, Any]:
             return None
 
     args = sys.argv[1:] if argv is None else argv
-    return {"command": " ".join(["python -m", tool, *args]), "time": datetime.now(UTC).isoformat(),
-            "versions": {"drope-server": v("drope-server"), "httpx": v("httpx"), "python": platform.python_version()},
-            "machine": platform.machine()}
-
+    return {
+        "command": " ".join(["python -m", tool, *args]),
+        "time": datetime.now(UTC).isoformat(),
+        "versions": {"drope-server": v("drope-server"), "httpx": v("httpx"), "python": platform.python_version()},
+        "machine": platform.machine(),
+    }

@@ -89,8 +89,9 @@ def save_tokenizer(task: Task, out_dir: str | Path) -> Any:
 
     tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(task.vocab())}, unk_token=UNK))
     tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token=EOS, pad_token=PAD, unk_token=UNK,
-                                   model_max_length=1 << 20)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tk, eos_token=EOS, pad_token=PAD, unk_token=UNK, model_max_length=1 << 20
+    )
     fast.save_pretrained(str(out_dir))
     return fast
 
@@ -164,8 +165,9 @@ def trials(task: Task, ids: dict[str, int], length: int, n: int, seed: int) -> l
     return out
 
 
-def score_trials(base_url: str, model: str, trials: list[Trial], concurrency: int = 32,
-                 api_key: str | None = None) -> list[dict[str, Any]]:
+def score_trials(
+    base_url: str, model: str, trials: list[Trial], concurrency: int = 32, api_key: str | None = None
+) -> list[dict[str, Any]]:
     """Each trial as one /v1/completions request: greedy, one token, and the answer's log-probability
     asked for by id (vLLM's ``logprob_token_ids``), so no top-k has to contain it."""
     import httpx
@@ -173,8 +175,15 @@ def score_trials(base_url: str, model: str, trials: list[Trial], concurrency: in
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
     async def one(client: Any, gate: asyncio.Semaphore, t: Trial) -> dict[str, Any]:
-        body = {"model": model, "prompt": t.prompt, "max_tokens": 1, "temperature": 0.0, "logprobs": 1,
-                "logprob_token_ids": [t.answer], "return_tokens_as_token_ids": True}
+        body = {
+            "model": model,
+            "prompt": t.prompt,
+            "max_tokens": 1,
+            "temperature": 0.0,
+            "logprobs": 1,
+            "logprob_token_ids": [t.answer],
+            "return_tokens_as_token_ids": True,
+        }
         async with gate:
             for attempt in range(3):  # 429: the server's queue is full; wait and ask again
                 resp = await client.post("/v1/completions", json=body)
@@ -185,8 +194,14 @@ def score_trials(base_url: str, model: str, trials: list[Trial], concurrency: in
             raise RuntimeError(f"{base_url}: HTTP {resp.status_code}: {resp.text[:300]}")
         lp = resp.json()["choices"][0]["logprobs"]
         got = int(lp["tokens"][0].removeprefix("token_id:"))
-        return {"length": len(t.prompt) + 1, "depth": round(t.depth, 4), "answer": t.answer, "generated": got,
-                "correct": got == t.answer, "loglik": lp["top_logprobs"][0][f"token_id:{t.answer}"]}
+        return {
+            "length": len(t.prompt) + 1,
+            "depth": round(t.depth, 4),
+            "answer": t.answer,
+            "generated": got,
+            "correct": got == t.answer,
+            "loglik": lp["top_logprobs"][0][f"token_id:{t.answer}"],
+        }
 
     async def run() -> list[dict[str, Any]]:
         gate = asyncio.Semaphore(concurrency)

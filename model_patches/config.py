@@ -72,32 +72,21 @@ class DropeConfig:
     def __post_init__(self) -> None:
         if self.attention_type not in ATTENTION_TYPES:
             raise DropeConfigError(
-                f"unknown attention_type {self.attention_type!r}; "
-                f"expected one of {', '.join(ATTENTION_TYPES)}"
+                f"unknown attention_type {self.attention_type!r}; expected one of {', '.join(ATTENTION_TYPES)}"
             )
-        if (
-            isinstance(self.train_context, bool)
-            or not isinstance(self.train_context, int)
-            or self.train_context <= 0
-        ):
+        if isinstance(self.train_context, bool) or not isinstance(self.train_context, int) or self.train_context <= 0:
             raise DropeConfigError(
                 f"training context ({TRAIN_CONTEXT_KEY} or max_position_embeddings) "
                 f"must be a positive integer, got {self.train_context!r}"
             )
         if not _is_finite_number(self.beta_coef):
-            raise DropeConfigError(
-                f"{BETA_COEF_KEY} must be a finite number, got {self.beta_coef!r}"
-            )
+            raise DropeConfigError(f"{BETA_COEF_KEY} must be a finite number, got {self.beta_coef!r}")
         if self.beta_mode not in BETA_MODES:
             raise DropeConfigError(
                 f"unknown {BETA_MODE_KEY} {self.beta_mode!r}; expected one of {', '.join(BETA_MODES)}"
             )
-        if self.softmax_scale is not None and not (
-            _is_finite_number(self.softmax_scale) and self.softmax_scale > 0
-        ):
-            raise DropeConfigError(
-                f"softmax_scale must be a positive finite number, got {self.softmax_scale!r}"
-            )
+        if self.softmax_scale is not None and not (_is_finite_number(self.softmax_scale) and self.softmax_scale > 0):
+            raise DropeConfigError(f"softmax_scale must be a positive finite number, got {self.softmax_scale!r}")
 
     @property
     def q_norm(self) -> bool:
@@ -119,8 +108,10 @@ class DropeConfig:
         ``overrides`` (train_context, beta_coef, beta_mode) win over the file;
         ``None`` values are ignored so CLI flags can be passed straight through.
         """
-        get = hf_config.get if isinstance(hf_config, Mapping) else (
-            lambda key, default=None: getattr(hf_config, key, default)
+        get = (
+            hf_config.get
+            if isinstance(hf_config, Mapping)
+            else (lambda key, default=None: getattr(hf_config, key, default))
         )
         fields = dict(
             train_context=train_context_of(hf_config),
@@ -175,8 +166,10 @@ def train_context_of(hf_config: Any) -> int | None:
     checkpoints carry no ``drope_train_context``: their ``max_position_embeddings`` is
     their parent's, the length they were recalibrated at.
     """
-    get = hf_config.get if isinstance(hf_config, Mapping) else (
-        lambda key, default=None: getattr(hf_config, key, default)
+    get = (
+        hf_config.get
+        if isinstance(hf_config, Mapping)
+        else (lambda key, default=None: getattr(hf_config, key, default))
     )
     stated = get(TRAIN_CONTEXT_KEY)
     return stated if stated is not None else get("max_position_embeddings")
@@ -192,8 +185,10 @@ def with_pinned_train_context(file: Mapping[str, Any], overrides: Mapping[str, A
 
 def is_drope_config(hf_config: Any) -> bool:
     """True for checkpoints our DroPE classes serve (by model_type or architecture)."""
-    get = hf_config.get if isinstance(hf_config, Mapping) else (
-        lambda key, default=None: getattr(hf_config, key, default)
+    get = (
+        hf_config.get
+        if isinstance(hf_config, Mapping)
+        else (lambda key, default=None: getattr(hf_config, key, default))
     )
     archs = get("architectures") or []
     return get("model_type") in FAMILIES or any(a in DROPE_ARCHITECTURES for a in archs)

@@ -132,7 +132,9 @@ def _write_norm_shard(path: Path, cfg: dict, drope: DropeConfig, weights: dict[s
     tensors = {}
     for i in range(cfg["num_hidden_layers"]):
         if drope.q_norm:
-            tensors[f"model.layers.{i}.self_attn.q_norm.weight"] = torch.ones(cfg["num_attention_heads"] * head_dim, dtype=dtype)
+            tensors[f"model.layers.{i}.self_attn.q_norm.weight"] = torch.ones(
+                cfg["num_attention_heads"] * head_dim, dtype=dtype
+            )
         if drope.k_norm:
             tensors[f"model.layers.{i}.self_attn.k_norm.weight"] = torch.ones(kv_heads * head_dim, dtype=dtype)
     save_file(tensors, str(path), metadata={"format": "pt"})
@@ -146,12 +148,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("src", help="directory of the RoPE parent checkpoint")
     p.add_argument("dst", help="output directory (refused if it exists and is not empty, unless --overwrite)")
-    p.add_argument("--attention-type", default="nope", choices=ATTENTION_TYPES,
-                   help="DroPE attention variant; QK-norm variants add norm weights initialised to 1 (default: nope)")
-    p.add_argument("--train-context", type=int, default=None,
-                   help="L_train in tokens: beta is 1 up to this length (default: the parent's max_position_embeddings)")
-    p.add_argument("--beta-coef", type=float, default=0.0,
-                   help="c in beta = 1 + c ln(length / L_train); fit it later with recalibration.fit_beta (default: 0)")
+    p.add_argument(
+        "--attention-type",
+        default="nope",
+        choices=ATTENTION_TYPES,
+        help="DroPE attention variant; QK-norm variants add norm weights initialised to 1 (default: nope)",
+    )
+    p.add_argument(
+        "--train-context",
+        type=int,
+        default=None,
+        help="L_train in tokens: beta is 1 up to this length (default: the parent's max_position_embeddings)",
+    )
+    p.add_argument(
+        "--beta-coef",
+        type=float,
+        default=0.0,
+        help="c in beta = 1 + c ln(length / L_train); fit it later with recalibration.fit_beta (default: 0)",
+    )
     p.add_argument("--beta-mode", default="log", choices=BETA_MODES, help="beta formula (default: log)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty DST")
     return p
@@ -161,8 +175,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         drope = convert(
-            args.src, args.dst, attention_type=args.attention_type, train_context=args.train_context,
-            beta_coef=args.beta_coef, beta_mode=args.beta_mode, overwrite=args.overwrite,
+            args.src,
+            args.dst,
+            attention_type=args.attention_type,
+            train_context=args.train_context,
+            beta_coef=args.beta_coef,
+            beta_mode=args.beta_mode,
+            overwrite=args.overwrite,
         )
     except (DropeConfigError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)

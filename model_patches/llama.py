@@ -1,10 +1,10 @@
 """DroPE Llama for vLLM (Llama-2, SmolLM, SmolLM2): only what differs from vllm/models/llama.py.
 
-  * ``_init_rotary_emb`` builds no rotary embedding (and applies ``softmax_scale``);
-  * optional full-width q / k RMSNorm (``layers.FullWidthRMSNorm``);
-  * the query of the token at absolute position p is multiplied by beta(p)
-    before paged attention. K and V go into the cache unscaled and position-free,
-    so chunked prefill and prefix caching stay exact.
+* ``_init_rotary_emb`` builds no rotary embedding (and applies ``softmax_scale``);
+* optional full-width q / k RMSNorm (``layers.FullWidthRMSNorm``);
+* the query of the token at absolute position p is multiplied by beta(p)
+  before paged attention. K and V go into the cache unscaled and position-free,
+  so chunked prefill and prefix caching stay exact.
 """
 
 from __future__ import annotations
@@ -64,7 +64,6 @@ class DroPELlamaAttention(LlamaAttention):
         attn_output = self.attn(q, k, v)
         output, _ = self.o_proj(attn_output)
         return output
-
 
     def set_beta(self, coef: float, mode: str | None = None) -> DropeConfig:
         """c (and the mode) changed in place, without rebuilding the layer.
@@ -129,8 +128,12 @@ def skip_unused_norms(weights: Iterable[tuple[str, torch.Tensor]], drope: DropeC
             continue
         yield name, tensor
     if skipped:
-        logger.info("attention_type=%s: ignored %d unused %s weights in the checkpoint",
-                    drope.attention_type, skipped, "/".join(u.strip(".") for u in unused))
+        logger.info(
+            "attention_type=%s: ignored %d unused %s weights in the checkpoint",
+            drope.attention_type,
+            skipped,
+            "/".join(u.strip(".") for u in unused),
+        )
 
 
 def check_qk_norm_loaded(model: torch.nn.Module, loaded: set[str]) -> None:

@@ -24,4 +24,3 @@ class DroPEQwen2DecoderLayer(DroPELlamaDecoderLayer):
 
 class DroPEQwen2ForCausalLM(DroPELlamaForCausalLM):
     decoder_layer_cls = DroPEQwen2DecoderLayer
-

@@ -158,8 +158,9 @@ class _DroPEModelMixin:
         unused = [n for n, used in (("q_norm", drope.q_norm), ("k_norm", drope.k_norm)) if not used]
         if drope.q_norm != drope.k_norm:
             self._keys_to_ignore_on_load_unexpected = {rf"\.self_attn\.{n}\." for n in unused}
-            logger.info("attention_type=%s: %s weights in the checkpoint, if any, are ignored",
-                        drope.attention_type, unused[0])
+            logger.info(
+                "attention_type=%s: %s weights in the checkpoint, if any, are ignored", drope.attention_type, unused[0]
+            )
 
     @classmethod
     def from_pretrained(cls, *args: Any, **kwargs: Any):

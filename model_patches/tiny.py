@@ -26,6 +26,7 @@ def save_byte_tokenizer(out_dir: str | Path) -> Any:
     """Write a byte-level fast tokenizer (ids 0-255 = the 256 bytes, then BOS/EOS/PAD)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
+
     vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
     for tok in (BOS, EOS, PAD):
         vocab[tok] = len(vocab)
@@ -33,8 +34,12 @@ def save_byte_tokenizer(out_dir: str | Path) -> Any:
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tk.decoder = decoders.ByteLevel()
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tk, bos_token=BOS, eos_token=EOS, pad_token=PAD,
-        chat_template=CHAT_TEMPLATE, model_max_length=1 << 20,
+        tokenizer_object=tk,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        chat_template=CHAT_TEMPLATE,
+        model_max_length=1 << 20,
     )
     fast.save_pretrained(str(out_dir))
     return fast

@@ -72,14 +72,18 @@ def _stream(cfg: DataConfig) -> tuple[Any, str]:
     try:
         import datasets
     except ImportError:
-        raise RecalibConfigError("recalibration reads its data through Hugging Face datasets: pip install datasets") from None
+        raise RecalibConfigError(
+            "recalibration reads its data through Hugging Face datasets: pip install datasets"
+        ) from None
     files = _local_files(cfg)
     if files is None:
         return datasets.load_dataset(cfg.source, split=cfg.split, streaming=True), cfg.text_field
     builders = {BUILDERS[f.suffix] for f in files}
     if len(builders) > 1:
-        raise RecalibConfigError(f"{cfg.source} mixes formats ({', '.join(sorted({f.suffix for f in files}))}); "
-                                 "one source holds .txt/.md, .jsonl or .parquet files")
+        raise RecalibConfigError(
+            f"{cfg.source} mixes formats ({', '.join(sorted({f.suffix for f in files}))}); "
+            "one source holds .txt/.md, .jsonl or .parquet files"
+        )
     builder = builders.pop()
     kw = {"sample_by": "document", "encoding_errors": "replace"} if builder == "text" else {}
     ds = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train", streaming=True, **kw)
@@ -187,8 +191,9 @@ class PackedTrainData(IterableDataset):
         if sequences == self.start.sequences:
             return self.start.to_dict()
         have = [s.sequences for s in self._snapshots]
-        raise RuntimeError(f"no data-stream snapshot after {sequences} sequences (have {have}; "
-                           f"snapshot_every={self.snapshot_every})")
+        raise RuntimeError(
+            f"no data-stream snapshot after {sequences} sequences (have {have}; snapshot_every={self.snapshot_every})"
+        )
 
     def _documents(self, s: StreamState) -> Iterator[str]:
         """The training documents from state s on, updating s as each one is handed out."""
@@ -200,7 +205,7 @@ class PackedTrainData(IterableDataset):
                 order = list(range(len(window)))
                 if size > 1:
                     random.Random(f"{self.seed}:{s.epoch}:{s.window}").shuffle(order)
-                for i in order[s.taken:]:
+                for i in order[s.taken :]:
                     s.taken += 1
                     yield window[i][0]
                 s.position, s.window, s.taken = window[-1][1], s.window + 1, 0
@@ -242,6 +247,5 @@ def check_data(cfg: DataConfig, tokenizer: Any, seq_len: int) -> dict[str, int]:
         if n >= seq_len:
             return {"heldout_tokens": len(held)}
     raise RecalibConfigError(
-        f"{cfg.source} has only {n} training tokens after the held-out documents, fewer than one "
-        f"sequence of {seq_len}"
+        f"{cfg.source} has only {n} training tokens after the held-out documents, fewer than one sequence of {seq_len}"
     )

@@ -29,9 +29,11 @@ def add_engine_args(parser: Any) -> None:
     from vllm.engine.arg_utils import EngineArgs
 
     EngineArgs.add_cli_args(parser)
-    notes = {"--enforce-eager": "default here, as in drope-server: on on CPU, off on GPU",
-             "--max-model-len": "default here: the longest measured length + 1",
-             "--enable-prefix-caching": "always off here: cached keys and values depend on beta"}
+    notes = {
+        "--enforce-eager": "default here, as in drope-server: on on CPU, off on GPU",
+        "--max-model-len": "default here: the longest measured length + 1",
+        "--enable-prefix-caching": "always off here: cached keys and values depend on beta",
+    }
     for action in parser._actions:
         for flag, note in notes.items():
             if flag in action.option_strings:
@@ -109,7 +111,11 @@ def drope_overrides(drope: Any, mode: str, max_model_len: int) -> dict[str, Any]
     when that is 0; every measurement sets the real c first. Without RoPE the position
     limit is only vLLM's length check, so it is raised to what is measured.
     """
-    return {"drope_beta_mode": mode, "drope_beta_coef": drope.beta_coef or 1.0, "max_position_embeddings": max_model_len}
+    return {
+        "drope_beta_mode": mode,
+        "drope_beta_coef": drope.beta_coef or 1.0,
+        "max_position_embeddings": max_model_len,
+    }
 
 
 def rope_overrides(base_cfg: dict[str, Any], max_model_len: int) -> dict[str, Any]:
@@ -118,8 +124,9 @@ def rope_overrides(base_cfg: dict[str, Any], max_model_len: int) -> dict[str, An
     return {"max_position_embeddings": max(max_model_len, base_cfg.get("max_position_embeddings") or 0)}
 
 
-def yarn_overrides(base_cfg: dict[str, Any], longest: int, original: int | None = None,
-                   max_model_len: int | None = None) -> dict[str, Any]:
+def yarn_overrides(
+    base_cfg: dict[str, Any], longest: int, original: int | None = None, max_model_len: int | None = None
+) -> dict[str, Any]:
     """YaRN scaled so the parent's original context covers ``longest`` (transformers 5's rope_parameters).
 
     The same ``--hf-overrides`` a user gives drope-server or ``vllm serve`` for a YaRN A/B
@@ -130,6 +137,12 @@ def yarn_overrides(base_cfg: dict[str, Any], longest: int, original: int | None 
     factor = max(1.0, longest / original)
     rope = base_cfg.get("rope_parameters") or {}
     theta = rope.get("rope_theta", base_cfg.get("rope_theta", 10000.0))
-    return {"rope_parameters": {"rope_type": "yarn", "factor": factor, "original_max_position_embeddings": original,
-                                "rope_theta": theta},
-            "max_position_embeddings": max(int(original * factor), longest, max_model_len or 0)}
+    return {
+        "rope_parameters": {
+            "rope_type": "yarn",
+            "factor": factor,
+            "original_max_position_embeddings": original,
+            "rope_theta": theta,
+        },
+        "max_position_embeddings": max(int(original * factor), longest, max_model_len or 0),
+    }

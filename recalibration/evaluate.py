@@ -58,24 +58,31 @@ def evaluate(args: argparse.Namespace, ckpt: str | None, log=print) -> dict[str,
         if is_drope_config(file):
             drope = DropeConfig.from_hf_config(with_pinned_train_context(file, {}))
         elif not servers:
-            raise ValueError(f"{ckpt} is a plain {file.get('model_type')} checkpoint; evaluate measures a DroPE "
-                             "checkpoint against its parent (pass the parent with --baseline)")
+            raise ValueError(
+                f"{ckpt} is a plain {file.get('model_type')} checkpoint; evaluate measures a DroPE "
+                "checkpoint against its parent (pass the parent with --baseline)"
+            )
     if not servers:
         if not ckpt:
             raise ValueError("give a DroPE checkpoint, or --base-url of running servers")
         baseline = args.baseline or _run_base(ckpt)
         base_cfg = read_model_config(baseline) if baseline else None
-    train_context = drope.train_context if drope else next((s["train_context"] for s in servers if s["train_context"]), None)
+    train_context = (
+        drope.train_context if drope else next((s["train_context"] for s in servers if s["train_context"]), None)
+    )
     lens = sorted(set(parse_lengths(args.lengths, train_context)))
     longest = max(lens)
     tokenizer = args.tokenizer or ckpt
     if not tokenizer:
-        raise ValueError("--base-url needs --tokenizer (a local directory or hub id) to cut the same windows for every server")
+        raise ValueError(
+            "--base-url needs --tokenizer (a local directory or hub id) to cut the same windows for every server"
+        )
     if servers:
         for s in servers:
             if s["max_model_len"] and longest + 1 > s["max_model_len"]:
-                raise ValueError(f"length {longest} (+1 generated token) is beyond {s['url']}'s max_model_len "
-                                 f"{s['max_model_len']}")
+                raise ValueError(
+                    f"length {longest} (+1 generated token) is beyond {s['url']}'s max_model_len {s['max_model_len']}"
+                )
     max_model_len = user_max_model_len(args) or longest + 1
     if longest + 1 > max_model_len:
         raise ValueError(f"length {longest} (+1 generated token) is beyond --max-model-len {max_model_len}")
@@ -85,15 +92,24 @@ def evaluate(args: argparse.Namespace, ckpt: str | None, log=print) -> dict[str,
 
     out = Path(args.out_dir) if args.out_dir else Path(ckpt) / "evaluate"
     out.mkdir(parents=True, exist_ok=True)
-    result: dict[str, Any] = {"complete": False, "checkpoint": ckpt, "baseline": baseline,
-                              "train_context": train_context, "lengths": lens, "windows": args.windows,
-                              "data": args.data, "perplexity": {}, "rows": {}}
+    result: dict[str, Any] = {
+        "complete": False,
+        "checkpoint": ckpt,
+        "baseline": baseline,
+        "train_context": train_context,
+        "lengths": lens,
+        "windows": args.windows,
+        "data": args.data,
+        "perplexity": {},
+        "rows": {},
+    }
     L_ref = train_context or min(lens)
 
     def row(name: str, nll, how: dict[str, Any]) -> None:
         t0 = time.perf_counter()
-        result["perplexity"][name] = {str(L): p for L, p in
-                                      measure(nll, tokens, lens, args.windows, L_ref, f"{name:<22}", log).items()}
+        result["perplexity"][name] = {
+            str(L): p for L, p in measure(nll, tokens, lens, args.windows, L_ref, f"{name:<22}", log).items()
+        }
         result["rows"][name] = {**how, "seconds": round(time.perf_counter() - t0, 2)}
         write_json_atomic(out / "evaluate.json", result)
 
@@ -103,8 +119,10 @@ def evaluate(args: argparse.Namespace, ckpt: str | None, log=print) -> dict[str,
         mode = "log" if drope.beta_mode == "none" else drope.beta_mode
         fitted = drope.beta_coef if drope.beta_mode != "none" else 0.0
         if not fitted:
-            log(f"{ckpt}: config.json has no fitted c (drope_beta_coef = 0); run recalibration.fit_beta first "
-                "to measure DroPE at its fitted c")
+            log(
+                f"{ckpt}: config.json has no fitted c (drope_beta_coef = 0); run recalibration.fit_beta first "
+                "to measure DroPE at its fitted c"
+            )
         over = drope_overrides(drope, mode, max_model_len)
         log(f"loading {ckpt} ...")
         with engine(args, ckpt, over, max_model_len) as llm:
@@ -113,8 +131,12 @@ def evaluate(args: argparse.Namespace, ckpt: str | None, log=print) -> dict[str,
                 row(f"DroPE (c={c:g})", engine_nll(llm), {"model": ckpt, "beta_coef": c, "beta_mode": mode})
         if baseline:
             original = base_cfg.get("max_position_embeddings") or drope.train_context
-            variants = {"RoPE": rope_overrides(base_cfg, max_model_len),
-                        f"RoPE + YaRN x{max(1.0, longest / original):g}": yarn_overrides(base_cfg, longest, original, max_model_len)}
+            variants = {
+                "RoPE": rope_overrides(base_cfg, max_model_len),
+                f"RoPE + YaRN x{max(1.0, longest / original):g}": yarn_overrides(
+                    base_cfg, longest, original, max_model_len
+                ),
+            }
             for name, over in variants.items():
                 log(f"loading {baseline} as {name} ...")
                 with engine(args, baseline, over, max_model_len) as llm:
@@ -153,16 +175,24 @@ def _server_card(url: str, api_key: str | None, model: str | None) -> dict[str, 
     card = next((c for c in cards if c["id"] == model), None) if model else cards[0]
     if card is None:
         raise ValueError(f"{url} does not serve {model!r} (it serves {', '.join(c['id'] for c in cards)})")
-    return {"url": url, "model": card["id"], "max_model_len": card.get("max_model_len"),
-            "train_context": (card.get("drope") or {}).get("train_context")}
+    return {
+        "url": url,
+        "model": card["id"],
+        "max_model_len": card.get("max_model_len"),
+        "train_context": (card.get("drope") or {}).get("train_context"),
+    }
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
     L_ref = result["train_context"] or min(result["lengths"])
     xs = [L / L_ref for L in result["lengths"]]
     series = {name: (xs, [ppl[str(L)] for L in result["lengths"]]) for name, ppl in result["perplexity"].items()}
-    save_plot(path, series, "length / training context" if result["train_context"] else f"length / {L_ref} tokens",
-              log_axes=True)
+    save_plot(
+        path,
+        series,
+        "length / training context" if result["train_context"] else f"length / {L_ref} tokens",
+        log_axes=True,
+    )
 
 
 def build_parser():
@@ -171,13 +201,23 @@ def build_parser():
     require_vllm("recalibration.evaluate")  # it measures on vLLM's engine
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
-    p = FlexibleArgumentParser(prog="python -m recalibration.evaluate", description=__doc__,
-                               formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = FlexibleArgumentParser(
+        prog="python -m recalibration.evaluate",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_measurement_args(p, "1x,2x,4x", "DroPE checkpoint: a directory, alias or hub id")
-    p.add_argument("--baseline", default=None,
-                   help="RoPE parent (default: the base of the recalibration run CKPT came from, if known)")
-    p.add_argument("--base-url", action="append", default=None,
-                   help="measure this running vLLM server instead of loading engines (repeat for several)")
+    p.add_argument(
+        "--baseline",
+        default=None,
+        help="RoPE parent (default: the base of the recalibration run CKPT came from, if known)",
+    )
+    p.add_argument(
+        "--base-url",
+        action="append",
+        default=None,
+        help="measure this running vLLM server instead of loading engines (repeat for several)",
+    )
     p.add_argument("--served-model", default=None, help="with --base-url: the served model name (default: the first)")
     p.add_argument("--api-key", default=None, help="with --base-url: the servers' API key")
     p.add_argument("--out-dir", default=None, help="(default: CHECKPOINT/evaluate)")

@@ -50,14 +50,26 @@ def parse_grid(text: str) -> list[float]:
         raise ValueError(f"--coefs must be comma-separated numbers, got {text!r}") from None
     bad = [c for c in grid if not (math.isfinite(c) and c >= 0)]
     if bad or not grid:
-        raise ValueError(f"--coefs: every c must be a finite number >= 0 (beta = 1 + c ln s sharpens attention "
-                         f"past L_train; a negative c would flatten it), got {bad or 'nothing'}")
+        raise ValueError(
+            f"--coefs: every c must be a finite number >= 0 (beta = 1 + c ln s sharpens attention "
+            f"past L_train; a negative c would flatten it), got {bad or 'nothing'}"
+        )
     return sorted(set(grid))
 
 
-def fit(ckpt: str, data: str, engine_args: Any, lengths: str = "2x,4x", coefs: list[float] | None = None,
-        windows: int = 4, heldout_docs: int = 2, refine: bool = True, out_dir: str | Path | None = None,
-        fresh: bool = False, log=print) -> dict[str, Any]:
+def fit(
+    ckpt: str,
+    data: str,
+    engine_args: Any,
+    lengths: str = "2x,4x",
+    coefs: list[float] | None = None,
+    windows: int = 4,
+    heldout_docs: int = 2,
+    refine: bool = True,
+    out_dir: str | Path | None = None,
+    fresh: bool = False,
+    log=print,
+) -> dict[str, Any]:
     """Measure, search and return the result (also kept in ``out_dir``/fit_beta.json as it grows)."""
     from model_patches.config import DropeConfig, is_drope_config, with_pinned_train_context
     from server.config import read_model_config
@@ -68,16 +80,20 @@ def fit(ckpt: str, data: str, engine_args: Any, lengths: str = "2x,4x", coefs: l
     # Everything that can be wrong is checked before an engine is built or a file written.
     file = read_model_config(ckpt)
     if not is_drope_config(file):
-        raise ValueError(f"{ckpt} is a plain {file.get('model_type')} checkpoint with RoPE; fit_beta tunes DroPE "
-                         "checkpoints (make one with `python -m recalibration.run`, or convert with "
-                         "`python -m model_patches.convert` and recalibrate)")
+        raise ValueError(
+            f"{ckpt} is a plain {file.get('model_type')} checkpoint with RoPE; fit_beta tunes DroPE "
+            "checkpoints (make one with `python -m recalibration.run`, or convert with "
+            "`python -m model_patches.convert` and recalibrate)"
+        )
     user = engine_args.hf_overrides if isinstance(engine_args.hf_overrides, dict) else {}
     drope = DropeConfig.from_hf_config(with_pinned_train_context(file, user))
     mode = "log" if drope.beta_mode == "none" else drope.beta_mode
     lens = sorted(set(parse_lengths(lengths, drope.train_context)))
     if min(lens) <= drope.train_context:
-        raise ValueError(f"length {min(lens)} is not past L_train = {drope.train_context}: beta is 1 there for "
-                         "every c, so it says nothing about c")
+        raise ValueError(
+            f"length {min(lens)} is not past L_train = {drope.train_context}: beta is 1 there for "
+            "every c, so it says nothing about c"
+        )
     max_model_len = user_max_model_len(engine_args) or max(lens) + 1
     if max(lens) + 1 > max_model_len:
         raise ValueError(f"length {max(lens)} (+1 generated token) is beyond --max-model-len {max_model_len}")
@@ -88,20 +104,36 @@ def fit(ckpt: str, data: str, engine_args: Any, lengths: str = "2x,4x", coefs: l
 
     out = Path(out_dir) if out_dir else Path(ckpt) / "fit_beta"
     out.mkdir(parents=True, exist_ok=True)
-    settings = {"checkpoint": str(ckpt), "data": data, "heldout_docs": heldout_docs, "windows": windows,
-                "lengths": lens, "mode": mode, "dtype": str(engine_args.dtype), "quantization": engine_args.quantization,
-                "drope": {k: v for k, v in drope.as_dict().items() if k not in ("beta_coef", "beta_mode")},
-                "heldout_sha256": hashlib.sha256(json.dumps(tokens).encode()).hexdigest()[:16]}
+    settings = {
+        "checkpoint": str(ckpt),
+        "data": data,
+        "heldout_docs": heldout_docs,
+        "windows": windows,
+        "lengths": lens,
+        "mode": mode,
+        "dtype": str(engine_args.dtype),
+        "quantization": engine_args.quantization,
+        "drope": {k: v for k, v in drope.as_dict().items() if k not in ("beta_coef", "beta_mode")},
+        "heldout_sha256": hashlib.sha256(json.dumps(tokens).encode()).hexdigest()[:16],
+    }
     table, seconds = _previous(out / RESULTS, settings, fresh, log)
-    result: dict[str, Any] = {"complete": False, "settings": settings, "checkpoint": str(ckpt),
-                              "train_context": drope.train_context, "lengths": lens, "mode": mode,
-                              "criterion": "min over c of mean_L log ppl(L, c)"}
+    result: dict[str, Any] = {
+        "complete": False,
+        "settings": settings,
+        "checkpoint": str(ckpt),
+        "train_context": drope.train_context,
+        "lengths": lens,
+        "mode": mode,
+        "criterion": "min over c of mean_L log ppl(L, c)",
+    }
 
     def save(best: float | None = None) -> None:
         cs = sorted(table)
-        result.update(table={f"{c:g}": {str(L): table[c][L] for L in lens} for c in cs},
-                      score={f"{c:g}": _score(table[c], lens) for c in cs},
-                      seconds={f"{c:g}": round(seconds[c], 2) for c in cs})
+        result.update(
+            table={f"{c:g}": {str(L): table[c][L] for L in lens} for c in cs},
+            score={f"{c:g}": _score(table[c], lens) for c in cs},
+            seconds={f"{c:g}": round(seconds[c], 2) for c in cs},
+        )
         if best is not None:
             result.update(complete=True, best_coef=best)
         write_json_atomic(out / RESULTS, result)
@@ -114,8 +146,9 @@ def fit(ckpt: str, data: str, engine_args: Any, lengths: str = "2x,4x", coefs: l
             if c not in table:
                 if llm is None:  # built on first need: a finished sweep re-run measures nothing
                     log(f"loading {ckpt} on vLLM (max_model_len {max_model_len}, c changes in place) ...")
-                    llm = stack.enter_context(engine(engine_args, ckpt, drope_overrides(drope, mode, max_model_len),
-                                                     max_model_len))
+                    llm = stack.enter_context(
+                        engine(engine_args, ckpt, drope_overrides(drope, mode, max_model_len), max_model_len)
+                    )
                 t0 = time.perf_counter()
                 set_beta(llm, c, mode)
                 table[c] = measure(engine_nll(llm), tokens, lens, windows, drope.train_context, f"c={c:<6g}", log)
@@ -172,8 +205,9 @@ def search(grid: list[float], evaluate, refine: bool = True, max_extensions: int
     if refine and len(scores) > 1:
         points = sorted(scores)
         i = points.index(best)
-        for c in sorted({round((points[max(i - 1, 0)] + best) / 2, 4),
-                         round((best + points[min(i + 1, len(points) - 1)]) / 2, 4)}):
+        for c in sorted(
+            {round((points[max(i - 1, 0)] + best) / 2, 4), round((best + points[min(i + 1, len(points) - 1)]) / 2, 4)}
+        ):
             if c not in scores:
                 scores[c] = evaluate(c)
         best = min(scores, key=scores.get)
@@ -191,10 +225,17 @@ def write_coef(ckpt: str | Path, coef: float, mode: str) -> None:
 
 def plot(result: dict[str, Any], path: Path) -> None:
     coefs = sorted(float(c) for c in result["table"])
-    series = {f"{L} tokens ({L / result['train_context']:g}x)": (coefs, [result["table"][f"{c:g}"][str(L)] for c in coefs])
-              for L in result["lengths"]}
-    save_plot(path, series, f"c in beta = 1 + c ln(s)  ({result['mode']} mode)", "/".join(Path(result["checkpoint"]).parts[-2:]),
-              vline=(result["best_coef"], f"chosen c = {result['best_coef']:g}"))
+    series = {
+        f"{L} tokens ({L / result['train_context']:g}x)": (coefs, [result["table"][f"{c:g}"][str(L)] for c in coefs])
+        for L in result["lengths"]
+    }
+    save_plot(
+        path,
+        series,
+        f"c in beta = 1 + c ln(s)  ({result['mode']} mode)",
+        "/".join(Path(result["checkpoint"]).parts[-2:]),
+        vline=(result["best_coef"], f"chosen c = {result['best_coef']:g}"),
+    )
 
 
 def build_parser():
@@ -203,8 +244,11 @@ def build_parser():
     require_vllm("recalibration.fit_beta")  # it measures on vLLM's engine
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
-    p = FlexibleArgumentParser(prog="python -m recalibration.fit_beta", description=__doc__,
-                               formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = FlexibleArgumentParser(
+        prog="python -m recalibration.fit_beta",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_measurement_args(p, "2x,4x", "DroPE checkpoint: a directory (or an alias / hub id with --no-write)")
     p.add_argument("--coefs", default=DEFAULT_COEFS, help=f"grid of c, each >= 0 (default: {DEFAULT_COEFS})")
     p.add_argument("--no-refine", action="store_true", help="no second pass around the best c")
@@ -227,25 +271,42 @@ def main(argv: list[str] | None = None) -> int:
     try:
         ckpt = checkpoint_of(args, prog)
         if not args.no_write and not (Path(ckpt) / "config.json").is_file():
-            raise ValueError(f"{ckpt} is not a local checkpoint directory, so the fitted c cannot be written into "
-                             "its config.json: pass --no-write (and --out-dir), or download it first")
+            raise ValueError(
+                f"{ckpt} is not a local checkpoint directory, so the fitted c cannot be written into "
+                "its config.json: pass --no-write (and --out-dir), or download it first"
+            )
         if not args.out_dir and not Path(ckpt).is_dir():
             raise ValueError(f"{ckpt} is not a local directory: pass --out-dir for the table and plot")
-        result = fit(ckpt, args.data, args, args.lengths, parse_grid(args.coefs), args.windows, args.heldout_docs,
-                     not args.no_refine, args.out_dir, args.fresh)
+        result = fit(
+            ckpt,
+            args.data,
+            args,
+            args.lengths,
+            parse_grid(args.coefs),
+            args.windows,
+            args.heldout_docs,
+            not args.no_refine,
+            args.out_dir,
+            args.fresh,
+        )
     except KeyboardInterrupt:
         out = Path(args.out_dir) if args.out_dir else Path(args.checkpoint or ".") / "fit_beta"
-        print(f"\n{prog}: interrupted; the c values measured so far are kept in {out / RESULTS} "
-              "(run the same command again to continue); config.json is unchanged", file=sys.stderr)
+        print(
+            f"\n{prog}: interrupted; the c values measured so far are kept in {out / RESULTS} "
+            "(run the same command again to continue); config.json is unchanged",
+            file=sys.stderr,
+        )
         return 130
     except (ValueError, FileNotFoundError) as e:  # DropeConfigError, ServerConfigError are ValueErrors
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     if not args.no_write:
         write_coef(ckpt, result["best_coef"], result["mode"])
-    print(f"best c = {result['best_coef']:g} ({result['mode']} mode; {result['criterion']}); "
-          f"{'written to' if not args.no_write else 'not written to'} {Path(ckpt) / 'config.json'}; "
-          f"table and plot in {Path(args.out_dir) if args.out_dir else Path(ckpt) / 'fit_beta'}")
+    print(
+        f"best c = {result['best_coef']:g} ({result['mode']} mode; {result['criterion']}); "
+        f"{'written to' if not args.no_write else 'not written to'} {Path(ckpt) / 'config.json'}; "
+        f"table and plot in {Path(args.out_dir) if args.out_dir else Path(ckpt) / 'fit_beta'}"
+    )
     return 0
 
 

@@ -43,21 +43,25 @@ def accelerate_cpu_launch() -> CpuLaunch | None:
         cmd = psutil.Process(os.getppid()).cmdline()
     except psutil.Error:
         return None
-    at = next((i for i, a in enumerate(cmd) if a == "launch" or a.endswith(("accelerate-launch", ".commands.launch"))),
-              None)
+    at = next(
+        (i for i, a in enumerate(cmd) if a == "launch" or a.endswith(("accelerate-launch", ".commands.launch"))), None
+    )
     if at is None:
         return None
     from accelerate.commands.config.config_args import default_config_file, load_config_from_file
     from accelerate.commands.launch import launch_command_parser
     from accelerate.utils import DistributedType
 
-    args = launch_command_parser().parse_args(cmd[at + 1:])
-    config = (load_config_from_file(args.config_file) if args.config_file or os.path.isfile(default_config_file)
-              else None)
+    args = launch_command_parser().parse_args(cmd[at + 1 :])
+    config = (
+        load_config_from_file(args.config_file) if args.config_file or os.path.isfile(default_config_file) else None
+    )
     ranks = args.num_processes or (config.num_processes if config else 1)
     if (args.num_machines or (config.num_machines if config else 1)) > 1:
-        raise RecalibConfigError("accelerate launch --cpu over several machines: run torchrun on each machine instead "
-                                 "(README, recalibration)")
+        raise RecalibConfigError(
+            "accelerate launch --cpu over several machines: run torchrun on each machine instead "
+            "(README, recalibration)"
+        )
     if ranks <= 1:
         return None
     fsdp = bool(args.use_fsdp) or (config is not None and config.distributed_type == DistributedType.FSDP)
@@ -70,10 +74,22 @@ def relaunch(request: CpuLaunch) -> None:
     main = sys.modules["__main__"]
     target = ["-m", main.__spec__.name] if getattr(main, "__spec__", None) else [sys.argv[0]]
     rendezvous = ["--master_port", str(request.port)] if request.port else ["--standalone"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", *rendezvous, "--nproc_per_node", str(request.ranks),
-           *target, *sys.argv[1:], *(["--fsdp"] if request.fsdp else [])]
-    log.info("accelerate launch --cpu starts a single process; starting the %d ranks with torchrun%s",
-             request.ranks, ", FSDP" if request.fsdp else "")
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        *rendezvous,
+        "--nproc_per_node",
+        str(request.ranks),
+        *target,
+        *sys.argv[1:],
+        *(["--fsdp"] if request.fsdp else []),
+    ]
+    log.info(
+        "accelerate launch --cpu starts a single process; starting the %d ranks with torchrun%s",
+        request.ranks,
+        ", FSDP" if request.fsdp else "",
+    )
     sys.stdout.flush()
     sys.stderr.flush()
     os.execv(sys.executable, cmd)

@@ -35,16 +35,25 @@ def perplexity(window_nll: WindowNLL, wins: list[list[int]]) -> float:
     return math.exp(sum(nll) / sum(len(w) - 1 for w in wins))
 
 
-def measure(window_nll: WindowNLL, tokens: list[int], lengths: list[int], max_windows: int, train_context: int,
-            label: str, log: Callable[[str], None] = print) -> dict[int, float]:
+def measure(
+    window_nll: WindowNLL,
+    tokens: list[int],
+    lengths: list[int],
+    max_windows: int,
+    train_context: int,
+    label: str,
+    log: Callable[[str], None] = print,
+) -> dict[int, float]:
     """Perplexity at each length, one progress line per length."""
     out = {}
     for length in lengths:
         wins = windows(tokens, length, max_windows)
         t0 = time.perf_counter()
         out[length] = perplexity(window_nll, wins)
-        log(f"{label}  L={length} ({length / train_context:g}x): ppl {out[length]:.4f}  "
-            f"[{len(wins)} window{'s' * (len(wins) > 1)}, {time.perf_counter() - t0:.1f} s]")
+        log(
+            f"{label}  L={length} ({length / train_context:g}x): ppl {out[length]:.4f}  "
+            f"[{len(wins)} window{'s' * (len(wins) > 1)}, {time.perf_counter() - t0:.1f} s]"
+        )
     return out
 
 
@@ -68,8 +77,9 @@ def engine_nll(llm: Any) -> WindowNLL:
     return nll
 
 
-def server_nll(base_url: str, model: str, api_key: str | None = None, concurrency: int = 4,
-               timeout_s: float = 3600.0) -> WindowNLL:
+def server_nll(
+    base_url: str, model: str, api_key: str | None = None, concurrency: int = 4, timeout_s: float = 3600.0
+) -> WindowNLL:
     """Window NLLs from a running OpenAI-compatible vLLM server (``prompt_logprobs`` on /v1/completions)."""
     import httpx
 
@@ -83,8 +93,9 @@ def server_nll(base_url: str, model: str, api_key: str | None = None, concurrenc
             raise RuntimeError(f"{base_url}: HTTP {r.status_code}: {r.text[:500]}")
         plp = r.json()["choices"][0].get("prompt_logprobs")
         if not plp or len(plp) != len(w):
-            raise RuntimeError(f"{base_url} returned no prompt_logprobs for a {len(w)}-token window "
-                               "(is it a vLLM server?)")
+            raise RuntimeError(
+                f"{base_url} returned no prompt_logprobs for a {len(w)}-token window (is it a vLLM server?)"
+            )
         return -sum(plp[i][str(t)]["logprob"] for i, t in enumerate(w) if i > 0)
 
     async def run(wins: list[list[int]]) -> list[float]:
@@ -118,11 +129,14 @@ def heldout_tokens_for(tokenizer_dir: Any, source: str, heldout_docs: int, longe
     from .config import DataConfig
     from .data import heldout_tokens
 
-    tokens = heldout_tokens(DataConfig(source=source, heldout_docs=heldout_docs),
-                            AutoTokenizer.from_pretrained(tokenizer_dir))
+    tokens = heldout_tokens(
+        DataConfig(source=source, heldout_docs=heldout_docs), AutoTokenizer.from_pretrained(tokenizer_dir)
+    )
     if len(tokens) < longest:
-        raise ValueError(f"held-out text has {len(tokens)} tokens, fewer than the longest length {longest}; "
-                         "hold out more documents (--heldout-docs) or measure shorter lengths")
+        raise ValueError(
+            f"held-out text has {len(tokens)} tokens, fewer than the longest length {longest}; "
+            "hold out more documents (--heldout-docs) or measure shorter lengths"
+        )
     return tokens
 
 
@@ -132,10 +146,15 @@ def add_measurement_args(p: Any, default_lengths: str, checkpoint_help: str) -> 
 
     p.add_argument("checkpoint", nargs="?", default=None, help=checkpoint_help)
     p.add_argument("--data", required=True, help="held-out text source (same forms as recalibration.run --data)")
-    p.add_argument("--lengths", default=default_lengths,
-                   help=f"multiples of L_train (2x) or token counts (default: {default_lengths})")
+    p.add_argument(
+        "--lengths",
+        default=default_lengths,
+        help=f"multiples of L_train (2x) or token counts (default: {default_lengths})",
+    )
     p.add_argument("--windows", type=int, default=4, help="windows per length (default: 4)")
-    p.add_argument("--heldout-docs", type=int, default=2, help="documents held out at the start of the source (default: 2)")
+    p.add_argument(
+        "--heldout-docs", type=int, default=2, help="documents held out at the start of the source (default: 2)"
+    )
     add_engine_args(p)  # vLLM's own groups (ModelConfig, ParallelConfig, CacheConfig, ...)
 
 
@@ -151,8 +170,14 @@ def checkpoint_of(args: Any, prog: str) -> str:
     return model_path(given[0])
 
 
-def save_plot(path: Any, series: dict[str, tuple[list[float], list[float]]], xlabel: str, title: str = "",
-              vline: tuple[float, str] | None = None, log_axes: bool = False) -> None:
+def save_plot(
+    path: Any,
+    series: dict[str, tuple[list[float], list[float]]],
+    xlabel: str,
+    title: str = "",
+    vline: tuple[float, str] | None = None,
+    log_axes: bool = False,
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")

@@ -56,8 +56,16 @@ def resolve_base(base: str, *, weights: bool = True) -> Path:
         if not (d / "config.json").exists():
             # Built aside and renamed into place: under torchrun every rank may get here at once.
             tmp = d.with_name(f"{d.name}.{os.getpid()}")
-            build_tiny_checkpoint(tmp, "llama", hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2,
-                                  max_position_embeddings=128, seed=0)
+            build_tiny_checkpoint(
+                tmp,
+                "llama",
+                hidden_size=128,
+                num_layers=4,
+                num_heads=4,
+                num_kv_heads=2,
+                max_position_embeddings=128,
+                seed=0,
+            )
             try:
                 os.replace(tmp, d)
             except OSError:  # another rank won the race with the same model
@@ -98,7 +106,9 @@ def prepare_output(cfg: RecalibConfig, resume: bool, overwrite: bool, write: boo
                 what = "this run"
             else:
                 what = "a different run"
-            raise RecalibConfigError(f"{out} already holds {what}; pass --resume to continue it or --overwrite to replace it")
+            raise RecalibConfigError(
+                f"{out} already holds {what}; pass --resume to continue it or --overwrite to replace it"
+            )
         if write:
             shutil.rmtree(out)
     if write:
@@ -109,8 +119,16 @@ def prepare_output(cfg: RecalibConfig, resume: bool, overwrite: bool, write: boo
 def _identity(cfg: RecalibConfig) -> dict[str, Any]:
     # What must match to continue a run: everything but the length of training and the layout over ranks.
     d = cfg.to_dict()
-    for k in ("max_steps", "token_budget", "save_every", "save_total_limit", "eval_every", "log_every", "fsdp",
-              "gradient_checkpointing"):
+    for k in (
+        "max_steps",
+        "token_budget",
+        "save_every",
+        "save_total_limit",
+        "eval_every",
+        "log_every",
+        "fsdp",
+        "gradient_checkpointing",
+    ):
         d.pop(k)
     return d
 
@@ -140,8 +158,9 @@ class Inputs:
     data_info: dict[str, int]
 
 
-def train(cfg: RecalibConfig, resume: bool = False, overwrite: bool = False,
-          dry_run: int | None = None) -> dict[str, Any]:
+def train(
+    cfg: RecalibConfig, resume: bool = False, overwrite: bool = False, dry_run: int | None = None
+) -> dict[str, Any]:
     """One recalibration run; with dry_run=N (0: the launcher's world size) only its checks and plan."""
     layout = settle_layout(cfg, world_size=dry_run or None)
     inputs = check_inputs(cfg, weights=dry_run is None)
@@ -173,8 +192,12 @@ def settle_layout(cfg: RecalibConfig, world_size: int | None = None) -> Layout:
     # on autocast behind it (TrainingArguments reads this variable when bf16 is off).
     launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
     if launcher != "no" and not (launcher == "bf16" and bf16):
-        log.warning("accelerate's mixed_precision %r is overridden by --precision %s (%s)", launcher, cfg.precision,
-                    "bf16" if bf16 else "fp32")
+        log.warning(
+            "accelerate's mixed_precision %r is overridden by --precision %s (%s)",
+            launcher,
+            cfg.precision,
+            "bf16" if bf16 else "fp32",
+        )
     os.environ["ACCELERATE_MIXED_PRECISION"] = "bf16" if bf16 else "no"
     return Layout(world_size=world_size or int(os.environ.get("WORLD_SIZE", "1")), on_gpu=on_gpu, fsdp=fsdp, bf16=bf16)
 
@@ -191,8 +214,9 @@ def check_inputs(cfg: RecalibConfig, weights: bool = True) -> Inputs:
     base = resolve_base(cfg.base, weights=weights)
     base_cfg = read_config_json(base)
     drope = is_drope_config(base_cfg)
-    seq_len = cfg.seq_len or (DropeConfig.from_hf_config(base_cfg).train_context if drope
-                              else base_cfg.get("max_position_embeddings"))
+    seq_len = cfg.seq_len or (
+        DropeConfig.from_hf_config(base_cfg).train_context if drope else base_cfg.get("max_position_embeddings")
+    )
     if not seq_len:
         raise RecalibConfigError(f"{base} states no context length; pass --seq-len")
     tokenizer = AutoTokenizer.from_pretrained(base)
@@ -202,25 +226,35 @@ def check_inputs(cfg: RecalibConfig, weights: bool = True) -> Inputs:
     else:  # what convert() will write, so that the plan needs no weights
         parent = base_cfg.get("model_type")
         if parent not in PARENT_TO_DROPE:
-            raise RecalibConfigError(f"model_type {parent!r} cannot be converted to DroPE; expected one of "
-                                     f"{', '.join(sorted(PARENT_TO_DROPE))}")
+            raise RecalibConfigError(
+                f"model_type {parent!r} cannot be converted to DroPE; expected one of "
+                f"{', '.join(sorted(PARENT_TO_DROPE))}"
+            )
         model_type = PARENT_TO_DROPE[parent]
         drope_fields = DropeConfig(train_context=seq_len, attention_type=cfg.attention_type).to_hf_fields()
-        model_config = AutoConfig.for_model(**{**base_cfg, "model_type": model_type,
-                                               "architectures": [FAMILIES[model_type][0]], **drope_fields})
+        model_config = AutoConfig.for_model(
+            **{**base_cfg, "model_type": model_type, "architectures": [FAMILIES[model_type][0]], **drope_fields}
+        )
     return Inputs(base=base, seq_len=seq_len, tokenizer=tokenizer, model_config=model_config, data_info=data_info)
 
 
 def sharding_plan(cfg: RecalibConfig, layout: Layout, inputs: Inputs) -> Any:
     from . import sharding
 
-    return sharding.plan(sharding.meta_model(inputs.model_config), fsdp=layout.fsdp, world_size=layout.world_size,
-                         bf16=layout.bf16, micro_batch=cfg.micro_batch, seq_len=inputs.seq_len,
-                         gradient_checkpointing=cfg.gradient_checkpointing)
+    return sharding.plan(
+        sharding.meta_model(inputs.model_config),
+        fsdp=layout.fsdp,
+        world_size=layout.world_size,
+        bf16=layout.bf16,
+        micro_batch=cfg.micro_batch,
+        seq_len=inputs.seq_len,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+    )
 
 
-def prepare_run_dir(cfg: RecalibConfig, layout: Layout, inputs: Inputs, resume: bool,
-                    overwrite: bool) -> tuple[Any, Path, Path]:
+def prepare_run_dir(
+    cfg: RecalibConfig, layout: Layout, inputs: Inputs, resume: bool, overwrite: bool
+) -> tuple[Any, Path, Path]:
     """The output directory checked by every rank, then written by rank 0 (config, converted init)."""
     from accelerate import PartialState
 
@@ -264,15 +298,25 @@ def load_model(cfg: RecalibConfig, init: Path, layout: Layout) -> tuple[Any, lis
 def report_layout(layout: Layout, plan: Any, params: list[int]) -> dict[str, Any]:
     """Say how the model is laid out over the ranks, measured; the summary's record of it."""
     if layout.kind == "fsdp":
-        log.info("model sharded (FSDP2) over %d ranks: %s of %s parameters per rank%s", layout.world_size,
-                 " / ".join(f"{n:,}" for n in params), f"{plan.total:,}",
-                 "" if params == plan.per_rank else f" (the plan said {plan.per_rank})")
-    return {"world_size": layout.world_size, "layout": layout.kind, "parameters": plan.total,
-            "parameters_per_rank": params, "parameters_per_rank_planned": plan.per_rank}
+        log.info(
+            "model sharded (FSDP2) over %d ranks: %s of %s parameters per rank%s",
+            layout.world_size,
+            " / ".join(f"{n:,}" for n in params),
+            f"{plan.total:,}",
+            "" if params == plan.per_rank else f" (the plan said {plan.per_rank})",
+        )
+    return {
+        "world_size": layout.world_size,
+        "layout": layout.kind,
+        "parameters": plan.total,
+        "parameters_per_rank": params,
+        "parameters_per_rank_planned": plan.per_rank,
+    }
 
 
-def build_trainer(cfg: RecalibConfig, layout: Layout, inputs: Inputs, model: Any, out: Path,
-                  resume: bool) -> tuple[Any, Any, Any]:
+def build_trainer(
+    cfg: RecalibConfig, layout: Layout, inputs: Inputs, model: Any, out: Path, resume: bool
+) -> tuple[Any, Any, Any]:
     import torch
     from transformers import Trainer
     from transformers.trainer_utils import get_last_checkpoint
@@ -291,39 +335,58 @@ def build_trainer(cfg: RecalibConfig, layout: Layout, inputs: Inputs, model: Any
         saved = json.loads((Path(last) / DATA_STATE).read_text())
         train_data.load_state_dict(saved["stream"])
         data_start = (saved["step"], train_data.start.sequences)
-        log.info("resuming from %s; data: seeking to sequence %d (epoch %d)", last, train_data.start.sequences,
-                 train_data.start.epoch)
+        log.info(
+            "resuming from %s; data: seeking to sequence %d (epoch %d)",
+            last,
+            train_data.start.sequences,
+            train_data.start.epoch,
+        )
     elif resume:
         log.info("resuming from the start (no complete checkpoint yet)")
     # Held-out sequences in global batches, so the held-out set is the same for any number of ranks.
     held = heldout_tokens(cfg.data, inputs.tokenizer)
     eval_seqs = list(pack(iter([held]), seq_len))[: cfg.eval_batches * cfg.micro_batch * world]
     eval_data = [{"input_ids": torch.tensor(s), "labels": torch.tensor(s)} for s in eval_seqs]
-    args = training_args(cfg, ckpt_dir, steps=steps, bf16=layout.bf16, on_gpu=layout.on_gpu, seek=last is not None,
-                         first_run=last is None)
+    args = training_args(
+        cfg,
+        ckpt_dir,
+        steps=steps,
+        bf16=layout.bf16,
+        on_gpu=layout.on_gpu,
+        seek=last is not None,
+        first_run=last is None,
+    )
     ckpts = Checkpoints(ckpt_dir, train_data, cfg.save_total_limit, resume_from=last, data_start=data_start)
     progress = ProgressLog(cfg.tokens_per_step(seq_len, world))
-    trainer = Trainer(model=model, args=args, train_dataset=train_data, eval_dataset=eval_data,
-                      callbacks=[ckpts, progress])
+    trainer = Trainer(
+        model=model, args=args, train_dataset=train_data, eval_dataset=eval_data, callbacks=[ckpts, progress]
+    )
     # Snapshot the stream at every optimizer step's boundary, so a checkpoint can record where it is.
     train_data.snapshot_every = ckpts.sequences_per_step(args)
     return trainer, ckpts, progress
 
 
-def finish(inputs: Inputs, trainer: Any, ckpts: Any, progress: Any, result: Any, out: Path, dist: Any,
-           facts: dict[str, Any]) -> dict[str, Any]:
+def finish(
+    inputs: Inputs, trainer: Any, ckpts: Any, progress: Any, result: Any, out: Path, dist: Any, facts: dict[str, Any]
+) -> dict[str, Any]:
     """Held-out loss, final/ (full weights and tokenizer: what the server loads) and summary.json."""
     final_eval = trainer.evaluate()["eval_loss"]
     first_eval = next((h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h), None)
     final = out / "final"
     trainer.save_model(str(final))  # every rank: sharded weights are gathered to rank 0
     summary = {
-        "steps": trainer.state.global_step, "seq_len": inputs.seq_len,
+        "steps": trainer.state.global_step,
+        "seq_len": inputs.seq_len,
         "tokens_trained": ckpts.sequences_consumed(trainer.args, trainer.state.global_step) * inputs.seq_len,
-        "train_loss": result.training_loss, "heldout_loss_start": first_eval, "heldout_loss_end": final_eval,
-        "heldout_ppl_end": math.exp(final_eval), "tokens_per_s": progress.last.get("tokens_per_s"),
-        "final_checkpoint": str(final), **facts,
-        "loss_curve": [[h["step"], h["loss"]] for h in trainer.state.log_history if "loss" in h], **inputs.data_info,
+        "train_loss": result.training_loss,
+        "heldout_loss_start": first_eval,
+        "heldout_loss_end": final_eval,
+        "heldout_ppl_end": math.exp(final_eval),
+        "tokens_per_s": progress.last.get("tokens_per_s"),
+        "final_checkpoint": str(final),
+        **facts,
+        "loss_curve": [[h["step"], h["loss"]] for h in trainer.state.log_history if "loss" in h],
+        **inputs.data_info,
     }
     if dist.is_main_process:
         inputs.tokenizer.save_pretrained(str(final))
@@ -335,51 +398,90 @@ def format_summary(cfg: RecalibConfig, s: dict[str, Any]) -> str:
     if s.get("dry_run"):
         return s["plan"].describe()
     start = f"{s['heldout_loss_start']:.4f} -> " if s.get("heldout_loss_start") is not None else ""
-    ranks = {"single": "1 process", "ddp": f"{s['world_size']} ranks, replicated (DDP)",
-             "fsdp": f"{s['world_size']} ranks, sharded (FSDP2): {s['parameters_per_rank'][0]:,} of "
-                     f"{s['parameters']:,} parameters on rank 0"}[s["layout"]]
-    return "\n".join([
-        "", "=" * 18 + " recalibration summary " + "=" * 18,
-        f"base            : {cfg.base} ({'RoPE kept' if cfg.keep_rope else cfg.attention_type}, L = {s['seq_len']})",
-        f"layout          : {ranks}",
-        f"steps / tokens  : {s['steps']} / {s['tokens_trained']:,}",
-        f"held-out loss   : {start}{s['heldout_loss_end']:.4f} (ppl {s['heldout_ppl_end']:.2f})",
-        f"speed           : {s['tokens_per_s'] or float('nan'):.0f} training tokens/s",
-        f"checkpoint      : {s['final_checkpoint']}",
-        *([] if cfg.keep_rope else
-          [f"next            : python -m recalibration.fit_beta {s['final_checkpoint']} --data {cfg.data.source}"]),
-        "=" * 59,
-    ])
+    ranks = {
+        "single": "1 process",
+        "ddp": f"{s['world_size']} ranks, replicated (DDP)",
+        "fsdp": f"{s['world_size']} ranks, sharded (FSDP2): {s['parameters_per_rank'][0]:,} of "
+        f"{s['parameters']:,} parameters on rank 0",
+    }[s["layout"]]
+    return "\n".join(
+        [
+            "",
+            "=" * 18 + " recalibration summary " + "=" * 18,
+            f"base            : {cfg.base} ({'RoPE kept' if cfg.keep_rope else cfg.attention_type}, L = {s['seq_len']})",
+            f"layout          : {ranks}",
+            f"steps / tokens  : {s['steps']} / {s['tokens_trained']:,}",
+            f"held-out loss   : {start}{s['heldout_loss_end']:.4f} (ppl {s['heldout_ppl_end']:.2f})",
+            f"speed           : {s['tokens_per_s'] or float('nan'):.0f} training tokens/s",
+            f"checkpoint      : {s['final_checkpoint']}",
+            *(
+                []
+                if cfg.keep_rope
+                else [
+                    f"next            : python -m recalibration.fit_beta {s['final_checkpoint']} --data {cfg.data.source}"
+                ]
+            ),
+            "=" * 59,
+        ]
+    )
 
 
 # ---------------- command line: generated from the config's fields ----------------
+
 
 @dataclass
 class RunOptions:
     """Options of the command, not of the run's config."""
 
-    preset: str = field(default="tiny", metadata={"choices": sorted(PRESETS), "help": "starting config (default: tiny)"})
+    preset: str = field(
+        default="tiny", metadata={"choices": sorted(PRESETS), "help": "starting config (default: tiny)"}
+    )
     config: str | None = field(default=None, metadata={"help": "JSON file with a full config (overrides the preset)"})
-    set: str | None = field(default=None, metadata={
-        "action": "append", "metavar": "KEY=VALUE",
-        "help": "any other field, e.g. --set optim.weight_decay=0.05 --set data.heldout_docs=4 (JSON values)"})
-    resume: bool = field(default=False, metadata={"help": "continue the run in --output-dir from its latest checkpoint"})
+    set: str | None = field(
+        default=None,
+        metadata={
+            "action": "append",
+            "metavar": "KEY=VALUE",
+            "help": "any other field, e.g. --set optim.weight_decay=0.05 --set data.heldout_docs=4 (JSON values)",
+        },
+    )
+    resume: bool = field(
+        default=False, metadata={"help": "continue the run in --output-dir from its latest checkpoint"}
+    )
     overwrite: bool = field(default=False, metadata={"help": "replace whatever --output-dir holds"})
-    dry_run: int | None = field(default=None, metadata={
-        "nargs": "?", "const": 0, "metavar": "RANKS",
-        "help": "check everything, print the sharding plan and memory per rank for RANKS ranks (default: the "
-                "launcher's), write nothing, stop"})
+    dry_run: int | None = field(
+        default=None,
+        metadata={
+            "nargs": "?",
+            "const": 0,
+            "metavar": "RANKS",
+            "help": "check everything, print the sharding plan and memory per rank for RANKS ranks (default: the "
+            "launcher's), write nothing, stop",
+        },
+    )
 
 
 def build_parser() -> Any:
     """One option per config field that has a flag (config.doc(..., flag=...)), absent = the preset's value."""
     from transformers import HfArgumentParser
 
-    flags = make_dataclass("ConfigFlags", [
-        (name, typ | None, field(default=None, metadata={**meta, **({"nargs": "?", "const": True} if typ is bool else {})}))
-        for name, _, typ, meta in cli_flags()])
-    return HfArgumentParser([RunOptions, flags], prog="python -m recalibration.run", description=__doc__,
-                            formatter_class=RawDescriptionHelpFormatter)
+    flags = make_dataclass(
+        "ConfigFlags",
+        [
+            (
+                name,
+                typ | None,
+                field(default=None, metadata={**meta, **({"nargs": "?", "const": True} if typ is bool else {})}),
+            )
+            for name, _, typ, meta in cli_flags()
+        ],
+    )
+    return HfArgumentParser(
+        [RunOptions, flags],
+        prog="python -m recalibration.run",
+        description=__doc__,
+        formatter_class=RawDescriptionHelpFormatter,
+    )
 
 
 def config_from_args(args: Namespace) -> RecalibConfig:
@@ -404,8 +506,9 @@ def main(argv: list[str] | None = None) -> int:
     from .launch import accelerate_cpu_launch, relaunch
 
     rank0 = int(os.environ.get("RANK", "0")) == 0  # torchrun / accelerate launch: one log, one summary
-    logging.basicConfig(level=logging.INFO if rank0 else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if rank0 else logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     args = build_parser().parse_args(argv)
     try:
         cfg = config_from_args(args)

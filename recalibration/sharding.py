@@ -49,22 +49,34 @@ class Plan:
         return self.fsdp and self.world_size > 1
 
     def describe(self) -> str:
-        how = (f"FSDP2, fully sharded over {self.world_size} ranks" if self.sharded else
-               f"replicated on {self.world_size} ranks (DDP)" if self.world_size > 1 else "one process")
-        lines = ["", "=" * 24 + " sharding plan " + "=" * 25,
-                 f"model           : {self.model}, {self.total:,} parameters",
-                 f"layout          : {how}"]
+        how = (
+            f"FSDP2, fully sharded over {self.world_size} ranks"
+            if self.sharded
+            else f"replicated on {self.world_size} ranks (DDP)"
+            if self.world_size > 1
+            else "one process"
+        )
+        lines = [
+            "",
+            "=" * 24 + " sharding plan " + "=" * 25,
+            f"model           : {self.model}, {self.total:,} parameters",
+            f"layout          : {how}",
+        ]
         if self.sharded:
             groups: dict[tuple[str, int, bool], int] = {}
             for name, n, free in self.units:
                 key = (re.sub(r"\.\d+(?=\.|$)", ".*", name), n, free)
                 groups[key] = groups.get(key, 0) + 1
             for (name, n, free), count in groups.items():
-                lines.append(f"  unit          : {f'{count} x ' if count > 1 else ''}{name}: {n:,} parameters"
-                             f"{', freed after forward' if free else ', kept until backward'}")
+                lines.append(
+                    f"  unit          : {f'{count} x ' if count > 1 else ''}{name}: {n:,} parameters"
+                    f"{', freed after forward' if free else ', kept until backward'}"
+                )
         ranks = self.per_rank if len(set(self.per_rank)) > 1 else self.per_rank[:1]
-        lines.append(f"parameters/rank : {' / '.join(f'{n:,}' for n in ranks)}"
-                     f"{'' if len(ranks) > 1 else ' on every rank'} ({self.per_rank[0] / self.total:.1%} of the model)")
+        lines.append(
+            f"parameters/rank : {' / '.join(f'{n:,}' for n in ranks)}"
+            f"{'' if len(ranks) > 1 else ' on every rank'} ({self.per_rank[0] / self.total:.1%} of the model)"
+        )
         lines.append("memory (rank 0) :")
         for kind, b in [*self.memory.items(), ("total", sum(self.memory.values()))]:
             lines.append(f"  {kind:<52}{b / GB:8.2f} GB" if b >= GB / 10 else f"  {kind:<52}{b / 1e6:8.2f} MB")
@@ -82,14 +94,28 @@ def meta_model(config: Any) -> nn.Module:
         return AutoModelForCausalLM.from_config(config)
 
 
-def plan(model: nn.Module, *, fsdp: bool, world_size: int, bf16: bool, micro_batch: int, seq_len: int,
-         gradient_checkpointing: bool) -> Plan:
+def plan(
+    model: nn.Module,
+    *,
+    fsdp: bool,
+    world_size: int,
+    bf16: bool,
+    micro_batch: int,
+    seq_len: int,
+    gradient_checkpointing: bool,
+) -> Plan:
     """What each rank will hold. ``model`` may be on the meta device."""
     params = list({id(p): p for p in model.parameters()}.values())
     total = sum(p.numel() for p in params)
     shard = fsdp and world_size > 1
-    per_rank = ([sum(_rows(p, world_size, r) * (p.numel() // p.shape[0] if p.dim() else 1) for p in params)
-                 for r in range(world_size)] if shard else [total] * world_size)
+    per_rank = (
+        [
+            sum(_rows(p, world_size, r) * (p.numel() // p.shape[0] if p.dim() else 1) for p in params)
+            for r in range(world_size)
+        ]
+        if shard
+        else [total] * world_size
+    )
     units = _units(model) if shard else []
     act = 2 if bf16 else 4
     mine = per_rank[0]
@@ -106,10 +132,18 @@ def plan(model: nn.Module, *, fsdp: bool, world_size: int, bf16: bool, micro_bat
     # gate, up, act(gate), their product (SDPA keeps no score matrix): 6h + 2kv + 4I elements.
     layer = tokens * (6 * h + 2 * kv + 4 * c.intermediate_size) * act
     layers = (c.num_hidden_layers * tokens * h * act + layer) if gradient_checkpointing else c.num_hidden_layers * layer
-    memory[f"activations (estimate, {micro_batch} x {seq_len} tokens"
-           f"{', recomputed' if gradient_checkpointing else ''})"] = layers + tokens * c.vocab_size * (act + 8)
-    return Plan(fsdp=fsdp, world_size=world_size, model=type(model).__name__, total=total, per_rank=per_rank,
-                units=units, memory=memory)
+    memory[
+        f"activations (estimate, {micro_batch} x {seq_len} tokens{', recomputed' if gradient_checkpointing else ''})"
+    ] = layers + tokens * c.vocab_size * (act + 8)
+    return Plan(
+        fsdp=fsdp,
+        world_size=world_size,
+        model=type(model).__name__,
+        total=total,
+        per_rank=per_rank,
+        units=units,
+        memory=memory,
+    )
 
 
 def _rows(p: torch.Tensor, world_size: int, rank: int) -> int:
@@ -142,8 +176,8 @@ def load_sharded(path: Any, *, world_size: int, bf16: bool) -> nn.Module:
     import model_patches.reference  # noqa: F401  (registers the DroPE classes)
 
     model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=torch.float32,
-        distributed_config=DistributedConfig(fsdp_size=world_size, fsdp_mixed_precision=bf16))
+        path, dtype=torch.float32, distributed_config=DistributedConfig(fsdp_size=world_size, fsdp_mixed_precision=bf16)
+    )
     accept_full_weights(model)
     return model
 
@@ -158,8 +192,9 @@ def accept_full_weights(model: nn.Module) -> None:
         for name, p in module.named_parameters():
             full = state_dict.get(prefix + name)
             if isinstance(p, DTensor) and isinstance(full, torch.Tensor) and not isinstance(full, DTensor):
-                state_dict[prefix + name] = distribute_tensor(full.to(p.device, p.dtype), p.device_mesh, p.placements,
-                                                              src_data_rank=None)
+                state_dict[prefix + name] = distribute_tensor(
+                    full.to(p.device, p.dtype), p.device_mesh, p.placements, src_data_rank=None
+                )
 
     model.register_load_state_dict_pre_hook(cut)
 

@@ -45,8 +45,9 @@ LR_STATE = "lr_schedule.pt"
 RNG_STATE = "rng_rank{}.pt"
 
 
-def training_args(cfg: RecalibConfig, run_dir: Path, *, steps: int, bf16: bool, on_gpu: bool,
-                  seek: bool, first_run: bool) -> TrainingArguments:
+def training_args(
+    cfg: RecalibConfig, run_dir: Path, *, steps: int, bf16: bool, on_gpu: bool, seek: bool, first_run: bool
+) -> TrainingArguments:
     return TrainingArguments(
         output_dir=str(run_dir / STAGING),  # Checkpoints renames each complete one into run_dir
         max_steps=steps,
@@ -89,8 +90,14 @@ class Checkpoints(TrainerCallback):
     Every global batch passes through rank 0's stream (accelerate dispatches an IterableDataset's
     batches from rank 0), so that stream's position is the run's."""
 
-    def __init__(self, run_dir: Path, data: Any, keep: int | None, resume_from: str | None = None,
-                 data_start: tuple[int, int] = (0, 0)):
+    def __init__(
+        self,
+        run_dir: Path,
+        data: Any,
+        keep: int | None,
+        resume_from: str | None = None,
+        data_start: tuple[int, int] = (0, 0),
+    ):
         self.run_dir, self.data, self.keep, self.resume_from = run_dir, data, keep, resume_from
         self.data_start = data_start
         """(optimizer step, stream sequences) this run started from: the run may go on with another number of ranks."""
@@ -138,8 +145,10 @@ def check_resumable(checkpoint: Path) -> None:
     """Refuse, before training starts, a checkpoint that lacks what this callback adds."""
     missing = [n for n in (OPTIM_STATE, LR_STATE, DATA_STATE) if not (checkpoint / n).exists()]
     if missing:
-        raise RecalibConfigError(f"--resume: {checkpoint} lacks {', '.join(missing)} (written by an older "
-                                 "recalibration.run?); start again with --overwrite")
+        raise RecalibConfigError(
+            f"--resume: {checkpoint} lacks {', '.join(missing)} (written by an older "
+            "recalibration.run?); start again with --overwrite"
+        )
 
 
 def save_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, path: Path) -> None:
@@ -211,7 +220,13 @@ class ProgressLog(TrainerCallback):
         logs["tokens_per_s"] = round(tps, 1)
         self.last.update({k: v for k, v in logs.items() if isinstance(v, (int, float))})
         if "loss" in logs:
-            log.info("step %d/%d  loss %.4f  lr %.2e  %.0f tok/s", state.global_step, state.max_steps,
-                     logs["loss"], logs.get("learning_rate", float("nan")), tps)
+            log.info(
+                "step %d/%d  loss %.4f  lr %.2e  %.0f tok/s",
+                state.global_step,
+                state.max_steps,
+                logs["loss"],
+                logs.get("learning_rate", float("nan")),
+                tps,
+            )
         if "eval_loss" in logs:
             log.info("step %d  held-out loss %.4f", state.global_step, logs["eval_loss"])

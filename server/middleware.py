@@ -49,9 +49,15 @@ class DropeMiddleware:
         if self._key_hashes and scope["method"] != "OPTIONS" and not _is_open(path):
             if not self._authorised(scope):
                 REJECTED.labels(reason="auth").inc()
-                return await _respond(send, 401, error_body(
-                    "Invalid or missing API key (send 'Authorization: Bearer <key>').",
-                    "authentication_error", "invalid_api_key"))
+                return await _respond(
+                    send,
+                    401,
+                    error_body(
+                        "Invalid or missing API key (send 'Authorization: Bearer <key>').",
+                        "authentication_error",
+                        "invalid_api_key",
+                    ),
+                )
         limit = self.options.max_body_bytes
         declared = _header(scope, b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
@@ -89,8 +95,13 @@ class DropeMiddleware:
     async def _too_large(self, send: Send) -> None:
         REJECTED.labels(reason="body_too_large").inc()
         limit = self.options.max_body_bytes
-        await _respond(send, 413, error_body(f"Request body over the {limit}-byte limit (--max-body).",
-                                             "invalid_request_error", "request_too_large"))
+        await _respond(
+            send,
+            413,
+            error_body(
+                f"Request body over the {limit}-byte limit (--max-body).", "invalid_request_error", "request_too_large"
+            ),
+        )
 
 
 class _Reply:
@@ -177,13 +188,24 @@ def _is_open(path: str) -> bool:
 
 
 def _is_busy(payload: Any) -> bool:
-    return isinstance(payload, dict) and isinstance(payload.get("error"), dict) and payload["error"].get("message") == _BUSY
+    return (
+        isinstance(payload, dict)
+        and isinstance(payload.get("error"), dict)
+        and payload["error"].get("message") == _BUSY
+    )
 
 
 async def _respond_busy(send: Send) -> None:
-    await _respond(send, 429, error_body(
-        "The server is at capacity (--max-num-seqs running + --max-queue waiting); retry after a second.",
-        "rate_limit_error", "queue_full"), [(b"retry-after", RETRY_AFTER_S.encode())])
+    await _respond(
+        send,
+        429,
+        error_body(
+            "The server is at capacity (--max-num-seqs running + --max-queue waiting); retry after a second.",
+            "rate_limit_error",
+            "queue_full",
+        ),
+        [(b"retry-after", RETRY_AFTER_S.encode())],
+    )
 
 
 def _sse_data(chunk: bytes) -> Any:
@@ -201,8 +223,9 @@ def _json(body: bytes) -> Any:
 
 
 def _error_type(status: int) -> str:
-    return {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
-            429: "rate_limit_error"}.get(status, "invalid_request_error" if status < 500 else "server_error")
+    return {401: "authentication_error", 403: "permission_error", 404: "not_found_error", 429: "rate_limit_error"}.get(
+        status, "invalid_request_error" if status < 500 else "server_error"
+    )
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
@@ -216,5 +239,3 @@ async def _respond(send: Send, status: int, body: bytes, headers: list | None = 
     headers = [*(headers or []), (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
-
-

@@ -81,9 +81,17 @@ class DropeEndpoints:
             # vLLM's admission limit counts running + waiting requests in this process.
             scheduler.max_num_queued_reqs = scheduler.max_num_seqs + options.max_queue
         name = (args.served_model_name or [args.model])[0]
-        kind = f"DroPE ({DropeConfig.from_hf_config(model_config.hf_config).describe()})" if state.drope_card else "RoPE"
-        log.info("drope-server: %s served as %r, %s, max context %d tokens, admission limit %s requests",
-                 args.model, name, kind, model_config.max_model_len, scheduler.max_num_queued_reqs)
+        kind = (
+            f"DroPE ({DropeConfig.from_hf_config(model_config.hf_config).describe()})" if state.drope_card else "RoPE"
+        )
+        log.info(
+            "drope-server: %s served as %r, %s, max context %d tokens, admission limit %s requests",
+            args.model,
+            name,
+            kind,
+            model_config.max_model_len,
+            scheduler.max_num_queued_reqs,
+        )
         log.info("try it:\n%s", usage_example(args, name, bool(options.api_keys)))
 
 
@@ -94,8 +102,8 @@ def usage_example(args: argparse.Namespace, name: str, keyed: bool) -> str:
     key = 'os.environ["DROPE_API_KEY"]' if keyed else '"none"'
     return (
         f"  curl {base}/completions -H 'Content-Type: application/json'{auth} \\\n"
-        f"    -d '{{\"model\": \"{name}\", \"prompt\": \"The capital of France is\", \"max_tokens\": 16}}'\n"
-        f"  python -c 'import os; from openai import OpenAI; c = OpenAI(base_url=\"{base}\", api_key={key}); "
-        f"print(c.chat.completions.create(model=\"{name}\", "
-        f"messages=[{{\"role\": \"user\", \"content\": \"Hello!\"}}], max_tokens=32).choices[0].message.content)'"
+        f'    -d \'{{"model": "{name}", "prompt": "The capital of France is", "max_tokens": 16}}\'\n'
+        f'  python -c \'import os; from openai import OpenAI; c = OpenAI(base_url="{base}", api_key={key}); '
+        f'print(c.chat.completions.create(model="{name}", '
+        f'messages=[{{"role": "user", "content": "Hello!"}}], max_tokens=32).choices[0].message.content)\''
     )

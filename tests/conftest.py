@@ -78,9 +78,24 @@ def launch_server(ckpt, log_dir, *args, env=None):
     env = {**os.environ, **(env or {})}
     env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # the async engine runs in its own process
     proc = subprocess.Popen(
-        [sys.executable, "-m", "server", "--model", str(ckpt), "--port", str(port), "--dtype", "float32",
-         "--kv-cache-memory-bytes", str(KV_CACHE_BYTES), "--enforce-eager", *args],
-        stdout=log, stderr=subprocess.STDOUT, env=env,
+        [
+            sys.executable,
+            "-m",
+            "server",
+            "--model",
+            str(ckpt),
+            "--port",
+            str(port),
+            "--dtype",
+            "float32",
+            "--kv-cache-memory-bytes",
+            str(KV_CACHE_BYTES),
+            "--enforce-eager",
+            *args,
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
     )
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + 180

@@ -52,8 +52,14 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_GET(self):
         if self.path == "/v1/models":
-            self._send({"object": "list", "data": [{"id": "fake", "object": "model", "max_model_len": MAX_LEN,
-                                                    "root": "fake", "owned_by": "test"}]})
+            self._send(
+                {
+                    "object": "list",
+                    "data": [
+                        {"id": "fake", "object": "model", "max_model_len": MAX_LEN, "root": "fake", "owned_by": "test"}
+                    ],
+                }
+            )
         else:
             self._send({"error": "not found"}, 404)
 
@@ -73,13 +79,21 @@ class Handler(BaseHTTPRequestHandler):
             text = bytes(prompt).decode(errors="replace") if isinstance(prompt, list) else BOS + prompt
             n = len(prompt) if isinstance(prompt, list) else len(text.encode())
             out = answer(text)
-            self._send({"choices": [{"index": 0, "text": out, "finish_reason": "stop"}],
-                        "usage": {"prompt_tokens": n, "completion_tokens": len(out.encode())}})
+            self._send(
+                {
+                    "choices": [{"index": 0, "text": out, "finish_reason": "stop"}],
+                    "usage": {"prompt_tokens": n, "completion_tokens": len(out.encode())},
+                }
+            )
         elif self.path == "/v1/chat/completions":
             text = chat(body["messages"])
             out = answer(text)
-            self._send({"choices": [{"index": 0, "message": {"role": "assistant", "content": out}}],
-                        "usage": {"prompt_tokens": len(text.encode()), "completion_tokens": len(out.encode())}})
+            self._send(
+                {
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": out}}],
+                    "usage": {"prompt_tokens": len(text.encode()), "completion_tokens": len(out.encode())},
+                }
+            )
         else:
             self._send({"error": "not found"}, 404)
 

@@ -1,6 +1,6 @@
 """beta as pure maths (model_patches/beta.py): no vLLM, no model.
 
-    python -m pytest tests/test_beta.py
+python -m pytest tests/test_beta.py
 """
 
 import math
@@ -68,8 +68,9 @@ def test_floor_mode_is_vllm_llama4_code():
     vllm_scale = Llama4Attention._get_attn_scale(layer, p.float())[:, 0]
     torch.testing.assert_close(query_scale(p, L, 0.2, "floor"), vllm_scale)
     # By hand: beta = 1 + 0.2 ln(floor((p + 1) / 64) + 1)
-    hand = torch.tensor([1.0, 1.0, 1.0 + 0.2 * math.log(2), 1.0 + 0.2 * math.log(3), 1.0 + 0.2 * math.log(4),
-                         1.0 + 0.2 * math.log(101)])
+    hand = torch.tensor(
+        [1.0, 1.0, 1.0 + 0.2 * math.log(2), 1.0 + 0.2 * math.log(3), 1.0 + 0.2 * math.log(4), 1.0 + 0.2 * math.log(101)]
+    )
     torch.testing.assert_close(query_scale(p, L, 0.2, "floor"), hand)
 
 

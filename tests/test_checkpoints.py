@@ -1,6 +1,6 @@
 """Checkpoint formats: Sakana's published layout, bad checkpoints, and the converter.
 
-    python -m pytest tests/test_checkpoints.py
+python -m pytest tests/test_checkpoints.py
 """
 
 from __future__ import annotations
@@ -36,8 +36,10 @@ def sakana_checkpoint(tiny_checkpoint, tmp_path, family="llama"):
     cfg.update(
         max_position_embeddings=L,  # Sakana keeps the parent's value = the length they trained at
         softmax_scale=0.15,
-        auto_map={"AutoConfig": f"modeling_drope.{arch.replace('ForCausalLM', 'Config')}",
-                  "AutoModelForCausalLM": f"modeling_drope.{arch}"},  # the file is absent: loading must not need it
+        auto_map={
+            "AutoConfig": f"modeling_drope.{arch.replace('ForCausalLM', 'Config')}",
+            "AutoModelForCausalLM": f"modeling_drope.{arch}",
+        },  # the file is absent: loading must not need it
     )
     (dst / "config.json").write_text(json.dumps(cfg))
     return dst
@@ -75,7 +77,9 @@ def _break(ckpt_dir, tmp_path, name, edit_config=None, drop_weights=None):
         (dst / "config.json").write_text(json.dumps(cfg))  # NaN is written as the JSON token NaN
     if drop_weights:
         w = load_file(dst / "model.safetensors")
-        save_file({k: v for k, v in w.items() if drop_weights not in k}, dst / "model.safetensors", metadata={"format": "pt"})
+        save_file(
+            {k: v for k, v in w.items() if drop_weights not in k}, dst / "model.safetensors", metadata={"format": "pt"}
+        )
     return dst
 
 
@@ -134,7 +138,9 @@ def test_convert_refuses_to_overwrite_and_reports_errors(tiny_checkpoint, tmp_pa
     assert "already a DroPE checkpoint" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("family,variant,unused", [("llama", "q_norm_nope", "k_norm"), ("qwen2", "k_norm_nope", "q_norm")])
+@pytest.mark.parametrize(
+    "family,variant,unused", [("llama", "q_norm_nope", "k_norm"), ("qwen2", "k_norm_nope", "q_norm")]
+)
 def test_single_norm_variants_ignore_the_other_norm_sakana_ships(tiny_checkpoint, tmp_path, family, variant, unused):
     """Sakana's q_norm_nope / k_norm_nope checkpoints carry both norms; the unused one must not matter."""
     src = tiny_checkpoint(family, DropeConfig(train_context=L, beta_coef=0.3, attention_type="qk_norm_nope"), seed=6)
@@ -146,8 +152,11 @@ def test_single_norm_variants_ignore_the_other_norm_sakana_ships(tiny_checkpoint
     w = load_file(ckpt / "model.safetensors")
     assert any(f".{unused}." in k for k in w)  # the unused norm really is in the file
     # Scale the unused norm far from 1: if anything applied it, parity would break.
-    save_file({k: v * 5 if f".{unused}." in k else v for k, v in w.items()}, ckpt / "model.safetensors",
-              metadata={"format": "pt"})
+    save_file(
+        {k: v * 5 if f".{unused}." in k else v for k, v in w.items()},
+        ckpt / "model.safetensors",
+        metadata={"format": "pt"},
+    )
     ref = load_reference(ckpt)
     p = prompt(3 * L, seed=4)
     with vllm_engine(ckpt) as llm:
@@ -158,8 +167,15 @@ def test_single_norm_variants_ignore_the_other_norm_sakana_ships(tiny_checkpoint
 def test_qwen2_tied_embeddings_and_sliding_window_layers(tiny_checkpoint):
     """Qwen2 options the DroPE classes inherit from vLLM's Llama code: tied lm_head, sliding-window layers."""
     drope = DropeConfig(train_context=L, beta_coef=0.3, attention_type="qk_norm_nope")
-    ckpt = tiny_checkpoint("qwen2", drope, seed=12, tie_word_embeddings=True, use_sliding_window=True,
-                           sliding_window=48, max_window_layers=1)
+    ckpt = tiny_checkpoint(
+        "qwen2",
+        drope,
+        seed=12,
+        tie_word_embeddings=True,
+        use_sliding_window=True,
+        sliding_window=48,
+        max_window_layers=1,
+    )
     cfg = json.loads((ckpt / "config.json").read_text())
     assert cfg["tie_word_embeddings"] and "sliding_attention" in cfg["layer_types"], cfg.get("layer_types")
     ref = load_reference(ckpt)

@@ -1,6 +1,6 @@
 """DropeConfig: parsing Sakana's and our config.json fields, defaults, validation.
 
-    python -m pytest tests/test_config.py
+python -m pytest tests/test_config.py
 """
 
 import json
@@ -15,8 +15,10 @@ SAKANA = {
     "architectures": ["DroPELlamaForCausalLM"],
     "model_type": "llama_drope",
     "attention_type": "qk_norm_nope",
-    "auto_map": {"AutoConfig": "modeling_drope.DroPELlamaConfig",
-                 "AutoModelForCausalLM": "modeling_drope.DroPELlamaForCausalLM"},
+    "auto_map": {
+        "AutoConfig": "modeling_drope.DroPELlamaConfig",
+        "AutoModelForCausalLM": "modeling_drope.DroPELlamaForCausalLM",
+    },
     "max_position_embeddings": 2048,
     "softmax_scale": 0.125,
 }
@@ -24,10 +26,13 @@ SAKANA = {
 
 def test_sakana_format_unchanged():
     d = DropeConfig.from_hf_config(SAKANA)
-    assert d == DropeConfig(train_context=2048, beta_coef=0.0, beta_mode="log",
-                            attention_type="qk_norm_nope", softmax_scale=0.125)
+    assert d == DropeConfig(
+        train_context=2048, beta_coef=0.0, beta_mode="log", attention_type="qk_norm_nope", softmax_scale=0.125
+    )
     assert d.q_norm and d.k_norm and not d.scales_queries
-    assert is_drope_config(SAKANA) and not is_drope_config({"model_type": "llama", "architectures": ["LlamaForCausalLM"]})
+    assert is_drope_config(SAKANA) and not is_drope_config(
+        {"model_type": "llama", "architectures": ["LlamaForCausalLM"]}
+    )
 
 
 def test_our_fields_win_and_overrides_win_over_file():
@@ -48,22 +53,27 @@ def test_works_on_config_objects_too():
 
 
 def test_roundtrip_through_hf_fields():
-    d = DropeConfig(train_context=300, beta_coef=0.2, beta_mode="floor", attention_type="q_norm_nope", softmax_scale=0.1)
+    d = DropeConfig(
+        train_context=300, beta_coef=0.2, beta_mode="floor", attention_type="q_norm_nope", softmax_scale=0.1
+    )
     assert DropeConfig.from_hf_config(d.to_hf_fields()) == d
     assert json.loads(json.dumps(d.to_hf_fields())) == d.to_hf_fields()
 
 
-@pytest.mark.parametrize("bad,match", [
-    (dict(attention_type="rope"), "unknown attention_type 'rope'"),
-    (dict(drope_train_context=0), "positive integer"),
-    (dict(drope_train_context=-5), "positive integer"),
-    (dict(drope_train_context=2048.5), "positive integer"),
-    (dict(drope_beta_coef=math.nan), "finite number"),
-    (dict(drope_beta_coef=math.inf), "finite number"),
-    (dict(drope_beta_coef="0.1"), "finite number"),
-    (dict(drope_beta_mode="exp"), "drope_beta_mode"),
-    (dict(softmax_scale=-1.0), "softmax_scale"),
-])
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        (dict(attention_type="rope"), "unknown attention_type 'rope'"),
+        (dict(drope_train_context=0), "positive integer"),
+        (dict(drope_train_context=-5), "positive integer"),
+        (dict(drope_train_context=2048.5), "positive integer"),
+        (dict(drope_beta_coef=math.nan), "finite number"),
+        (dict(drope_beta_coef=math.inf), "finite number"),
+        (dict(drope_beta_coef="0.1"), "finite number"),
+        (dict(drope_beta_mode="exp"), "drope_beta_mode"),
+        (dict(softmax_scale=-1.0), "softmax_scale"),
+    ],
+)
 def test_bad_values_raise_one_clear_error(bad, match):
     with pytest.raises(DropeConfigError, match=match):
         DropeConfig.from_hf_config(dict(SAKANA, **bad))

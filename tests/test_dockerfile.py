@@ -40,7 +40,7 @@ def instructions():
 
 def final_stage():
     ins = instructions()
-    return ins[max(i for i, (op, _) in enumerate(ins) if op == "FROM"):]
+    return ins[max(i for i, (op, _) in enumerate(ins) if op == "FROM") :]
 
 
 def test_entrypoint_and_cmd_parse_with_the_real_cli():

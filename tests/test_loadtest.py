@@ -29,8 +29,9 @@ from model_patches.config import DropeConfig
 @pytest.fixture(scope="module")
 def tiny_server(tiny_checkpoint, tmp_path_factory):
     ckpt = tiny_checkpoint("llama", DropeConfig(train_context=256, beta_coef=0.2), seed=8)
-    proc, base, _ = launch_server(ckpt, tmp_path_factory.mktemp("lt"), "--served-model-name", "tiny",
-                                  "--max-model-len", "2048")
+    proc, base, _ = launch_server(
+        ckpt, tmp_path_factory.mktemp("lt"), "--served-model-name", "tiny", "--max-model-len", "2048"
+    )
     yield base, ckpt
     proc.send_signal(signal.SIGTERM)
     proc.wait(timeout=30)
@@ -59,9 +60,30 @@ def bench_run(tiny_server, tmp_path_factory):
         mp.setattr(serve, "benchmark", keep)
         before, stdout = scrape_metrics(base), io.StringIO()
         with contextlib.redirect_stdout(stdout):
-            rc = bench.main(["--base-url", base, "--input-len", "96", "--output-len", "12", "--num-prompts", "12",
-                             "--max-concurrency", "4", "--request-rate", "50", "--num-warmups", "2", "--quiet",
-                             "--out", str(out), "--goodput", "ttft:60000", "e2el:60000"])
+            rc = bench.main(
+                [
+                    "--base-url",
+                    base,
+                    "--input-len",
+                    "96",
+                    "--output-len",
+                    "12",
+                    "--num-prompts",
+                    "12",
+                    "--max-concurrency",
+                    "4",
+                    "--request-rate",
+                    "50",
+                    "--num-warmups",
+                    "2",
+                    "--quiet",
+                    "--out",
+                    str(out),
+                    "--goodput",
+                    "ttft:60000",
+                    "e2el:60000",
+                ]
+            )
         deltas = counter_deltas(before, scrape_metrics(base))
     assert rc == 0
     return json.loads(out.read_text()), stdout.getvalue(), deltas, theirs, out
@@ -92,15 +114,24 @@ def test_summary_is_vllms_own_metrics_of_the_same_outputs(bench_run):
     r, (v,) = record["results"]["server1"], theirs
     assert len(r["samples"]) == 12 and r["completed"] == v["completed"] == 12
     assert_summary_is(r, recomputed(r))
-    keys = {"failed": "failed", "total_input": "total_input_tokens", "total_output": "total_output_tokens",
-            "request_throughput": "request_throughput", "request_goodput": "request_goodput",
-            "output_throughput": "output_throughput", "total_token_throughput": "total_token_throughput",
-            "max_output_tokens_per_s": "max_output_tokens_per_s"}
+    keys = {
+        "failed": "failed",
+        "total_input": "total_input_tokens",
+        "total_output": "total_output_tokens",
+        "request_throughput": "request_throughput",
+        "request_goodput": "request_goodput",
+        "output_throughput": "output_throughput",
+        "total_token_throughput": "total_token_throughput",
+        "max_output_tokens_per_s": "max_output_tokens_per_s",
+    }
     assert {k: r[k] for k in keys} == {k: v[t] for k, t in keys.items()}
     table = {line[:30].strip(): line[30:].split() for line in stdout.splitlines()}
     for m in bench.METRICS:
         assert (r[f"mean_{m}_ms"], r[f"median_{m}_ms"], r[f"std_{m}_ms"]) == (
-            v[f"mean_{m}_ms"], v[f"median_{m}_ms"], v[f"std_{m}_ms"]), m
+            v[f"mean_{m}_ms"],
+            v[f"median_{m}_ms"],
+            v[f"std_{m}_ms"],
+        ), m
         for stat in ("mean", "p50", "p90", "p99"):
             want = v[f"{stat}_{m}_ms"]
             assert bench.stat(r, m, stat) == want, (m, stat)
@@ -147,13 +178,36 @@ def test_same_flags_drive_vllms_benchmark_as_vllm_bench_serve_does(tiny_server, 
         raise Called
 
     monkeypatch.setattr(serve, "benchmark", spy)
-    flags = ["--input-len", "64", "--output-len", "8", "--random-range-ratio", "0.5", "--num-prompts", "6",
-             "--max-concurrency", "2", "--request-rate", "5", "--burstiness", "0.5", "--temperature", "0",
-             "--num-warmups", "1", "--seed", "3", "--goodput", "ttft:1000", "tpot:50"]
+    flags = [
+        "--input-len",
+        "64",
+        "--output-len",
+        "8",
+        "--random-range-ratio",
+        "0.5",
+        "--num-prompts",
+        "6",
+        "--max-concurrency",
+        "2",
+        "--request-rate",
+        "5",
+        "--burstiness",
+        "0.5",
+        "--temperature",
+        "0",
+        "--num-warmups",
+        "1",
+        "--seed",
+        "3",
+        "--goodput",
+        "ttft:1000",
+        "tpot:50",
+    ]
     parser = FlexibleArgumentParser()
     serve.add_cli_args(parser)
-    args = parser.parse_args(["--base-url", base, "--model", "tiny", "--tokenizer", str(ckpt),
-                              "--dataset-name", "random", *flags])
+    args = parser.parse_args(
+        ["--base-url", base, "--model", "tiny", "--tokenizer", str(ckpt), "--dataset-name", "random", *flags]
+    )
     try:
         with pytest.raises(Called):
             bench.main(["--base-url", base, *flags])
@@ -165,7 +219,8 @@ def test_same_flags_drive_vllms_benchmark_as_vllm_bench_serve_does(tiny_server, 
     assert (our_np == their_np).all() and our_random == their_random
     by_design = {"endpoint_type", "tokenizer", "input_requests", "selected_percentile_metrics", "selected_percentiles"}
     assert {k: v for k, v in ours.items() if k not in by_design} == {
-        k: v for k, v in theirs.items() if k not in by_design}
+        k: v for k, v in theirs.items() if k not in by_design
+    }
     # Output lengths are drawn after the input lengths from the same seeded generator: equal lists mean the
     # same draws. (vLLM's random prompts then miss their drawn lengths by a few tokens after decoding and
     # re-encoding; prose windows hit them.)
@@ -178,9 +233,31 @@ def test_compare_sends_the_same_requests_to_both(tiny_server, tmp_path, capsys):
     base, _ = tiny_server
     out = tmp_path / "ab.json"
     before = scrape_metrics(base)
-    rc = bench.main(["--base-url", base, "--compare", base, "--model2", "tiny", "--endpoint", "chat",
-                     "--input-len", "64", "--output-len", "8", "--range-ratio", "0.5", "--num-prompts", "4",
-                     "--num-warmups", "0", "--quiet", "--out", str(out)])
+    rc = bench.main(
+        [
+            "--base-url",
+            base,
+            "--compare",
+            base,
+            "--model2",
+            "tiny",
+            "--endpoint",
+            "chat",
+            "--input-len",
+            "64",
+            "--output-len",
+            "8",
+            "--range-ratio",
+            "0.5",
+            "--num-prompts",
+            "4",
+            "--num-warmups",
+            "0",
+            "--quiet",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     deltas = counter_deltas(before, scrape_metrics(base))
     runs = json.loads(out.read_text())["results"]
@@ -211,9 +288,27 @@ def test_ctrl_c_summarises_what_finished(tiny_server, tmp_path, capsys):
     t0 = time.time()
     thread.start()
     try:
-        rc = bench.main(["--base-url", base, "--compare", base, "--input-len", "32", "--output-len", "8",
-                         "--num-prompts", "400", "--request-rate", "8", "--num-warmups", "0", "--quiet",
-                         "--out", str(out)])
+        rc = bench.main(
+            [
+                "--base-url",
+                base,
+                "--compare",
+                base,
+                "--input-len",
+                "32",
+                "--output-len",
+                "8",
+                "--num-prompts",
+                "400",
+                "--request-rate",
+                "8",
+                "--num-warmups",
+                "0",
+                "--quiet",
+                "--out",
+                str(out),
+            ]
+        )
     except KeyboardInterrupt:
         pytest.fail("Ctrl-C was not handled")
     thread.join()

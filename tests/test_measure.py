@@ -58,11 +58,14 @@ def nll_fresh(ckpt, coef, mode="log", eager=True, max_model_len=4 * L + 1) -> li
         return engine_nll(llm)(wins)
 
 
-@pytest.mark.parametrize("family,attention_type,coef,mode", [
-    pytest.param("llama", "nope", 0.4, "log", id="llama-nope-c0.4"),
-    pytest.param("qwen2", "qk_norm_nope", 0.3, "log", id="qwen2-qknorm-c0.3"),
-    pytest.param("llama", "q_norm_nope", 0.3, "floor", id="llama-qnorm-floor"),
-])
+@pytest.mark.parametrize(
+    "family,attention_type,coef,mode",
+    [
+        pytest.param("llama", "nope", 0.4, "log", id="llama-nope-c0.4"),
+        pytest.param("qwen2", "qk_norm_nope", 0.3, "log", id="qwen2-qknorm-c0.3"),
+        pytest.param("llama", "q_norm_nope", 0.3, "floor", id="llama-qnorm-floor"),
+    ],
+)
 def test_engine_perplexity_equals_the_reference(tiny_checkpoint, family, attention_type, coef, mode):
     ckpt = tiny_checkpoint(family, DropeConfig(train_context=L, attention_type=attention_type))
     tokens = tokens_for(ckpt)
@@ -77,8 +80,9 @@ def test_engine_perplexity_equals_the_reference(tiny_checkpoint, family, attenti
     assert all(abs(g - w) > 1e-3 for g, w in zip(got, without, strict=True))
 
 
-@pytest.mark.parametrize("eager", [pytest.param(True, id="eager"),
-                                   pytest.param(False, id="compiled", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "eager", [pytest.param(True, id="eager"), pytest.param(False, id="compiled", marks=pytest.mark.slow)]
+)
 def test_c_in_place_equals_a_fresh_engine(tiny_checkpoint, eager):
     """A compiled graph that captured c as a Python constant would keep measuring the first c."""
     ckpt = tiny_checkpoint("llama", DropeConfig(train_context=L, attention_type="qk_norm_nope"), seed=3)
@@ -102,7 +106,8 @@ def config_of(ckpt) -> dict:
 
 
 def test_fit_beta_none_mode_is_fitted_and_written_in_log_mode_and_an_interrupted_sweep_resumes(
-        tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    tiny_checkpoint, tmp_path, monkeypatch, capsys
+):
     import shutil
 
     from recalibration import engine as engine_mod
@@ -154,13 +159,16 @@ def test_fit_beta_none_mode_is_fitted_and_written_in_log_mode_and_an_interrupted
         assert abs(perplexity(nll, windows(tokens, n, 2)) / want - 1) <= 1e-4
 
 
-@pytest.mark.parametrize("case,extra,match", [
-    ("rope", [], "plain llama checkpoint with RoPE"),
-    ("drope", ["--coefs", "0,-0.1,0.2"], "every c must be a finite number >= 0"),
-    ("drope", ["--lengths", "4x", "--max-model-len", "200"], "beyond --max-model-len 200"),
-    ("drope", ["--lengths", "100000"], "held-out text has"),
-    ("drope", ["--lengths", "1x,2x"], "not past L_train"),
-])
+@pytest.mark.parametrize(
+    "case,extra,match",
+    [
+        ("rope", [], "plain llama checkpoint with RoPE"),
+        ("drope", ["--coefs", "0,-0.1,0.2"], "every c must be a finite number >= 0"),
+        ("drope", ["--lengths", "4x", "--max-model-len", "200"], "beyond --max-model-len 200"),
+        ("drope", ["--lengths", "100000"], "held-out text has"),
+        ("drope", ["--lengths", "1x,2x"], "not past L_train"),
+    ],
+)
 def test_fit_beta_refuses_bad_input_before_writing_anything(tiny_checkpoint, tmp_path, capsys, case, extra, match):
     import shutil
 
@@ -184,8 +192,22 @@ def test_fit_beta_at_tp2_equals_tp1(tiny_checkpoint, tmp_path):
     assert fit_beta.main([*common, "--out-dir", str(tmp_path / "tp1")]) == 0
     env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
     env["VLLM_WORKER_MULTIPROC_METHOD"] = "spawn"
-    r = subprocess.run([sys.executable, "-m", "recalibration.fit_beta", *common, "--out-dir", str(tmp_path / "tp2"),
-                        "--tensor-parallel-size", "2"], capture_output=True, text=True, env=env, timeout=600)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "recalibration.fit_beta",
+            *common,
+            "--out-dir",
+            str(tmp_path / "tp2"),
+            "--tensor-parallel-size",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-4000:]
     tp1, tp2 = (json.loads((tmp_path / d / "fit_beta.json").read_text())["table"] for d in ("tp1", "tp2"))
     # Both ranks' runs take the same search path (the grid may be extended upward when 0.4 wins).

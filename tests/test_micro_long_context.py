@@ -39,8 +39,9 @@ def score(tmp_path, ckpt, lengths, *args) -> list[dict]:
     work.mkdir()
     proc, base, _ = launch_server(ckpt, work, "--max-model-len", str(8 * L_TRAIN + 1), *args)
     try:
-        return [r for L in lengths for r in
-                score_trials(base, str(ckpt), trials(TASK, ids, L, 500, EVAL_SEED_BASE + L)[:N])]
+        return [
+            r for L in lengths for r in score_trials(base, str(ckpt), trials(TASK, ids, L, 500, EVAL_SEED_BASE + L)[:N])
+        ]
     finally:
         proc.terminate()
         proc.wait(timeout=90)
@@ -53,7 +54,10 @@ def test_drope_retrieves_past_l_train_where_rope_and_yarn_do_not(tmp_path):
     got_drope = score(tmp_path, drope, [4 * L_TRAIN, longest])
     yarn = yarn_overrides(base_cfg, longest, L_TRAIN, longest + 1)
     got_yarn = score(tmp_path, rope, [longest], "--hf-overrides", json.dumps(yarn))
-    acc = {"drope 4x": accuracy(got_drope, 4 * L_TRAIN), "drope 8x": accuracy(got_drope, longest),
-           "yarn 8x": accuracy(got_yarn, longest)}
+    acc = {
+        "drope 4x": accuracy(got_drope, 4 * L_TRAIN),
+        "drope 8x": accuracy(got_drope, longest),
+        "yarn 8x": accuracy(got_yarn, longest),
+    }
     assert acc["drope 4x"] >= 0.98 and acc["drope 8x"] >= 0.98, acc  # measured 1.000 and 1.000
     assert acc["yarn 8x"] <= acc["drope 8x"] - 0.03, acc  # measured 0.940 vs 1.000

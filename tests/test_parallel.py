@@ -61,24 +61,37 @@ def one_rank(ckpt, prompts) -> list[dict]:
 
     with vllm_engine(ckpt, max_model_len=512) as llm:
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts], SamplingParams(**SAMPLING), use_tqdm=False)
-    return [{"prompt": [d[t].logprob for d, t in zip(o.prompt_logprobs[1:], p[1:], strict=True)],
-             "tokens": list(o.outputs[0].token_ids),
-             "greedy": [d[t].logprob for d, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids, strict=True)]}
-            for p, o in zip(prompts, outs, strict=True)]
+    return [
+        {
+            "prompt": [d[t].logprob for d, t in zip(o.prompt_logprobs[1:], p[1:], strict=True)],
+            "tokens": list(o.outputs[0].token_ids),
+            "greedy": [d[t].logprob for d, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids, strict=True)],
+        }
+        for p, o in zip(prompts, outs, strict=True)
+    ]
 
 
 def engine_tp(ckpt, tp: int, prompts, tmp_path) -> list[dict]:
     """Offline `LLM(tensor_parallel_size=tp)` in a subprocess, ranks bound to the two cores in turn."""
     script = tmp_path / "run_engine.py"
     script.write_text(RUN)
-    env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": "|".join(str(r % 2) for r in range(tp)),
-           "VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "VLLM_WORKER_MULTIPROC_METHOD": "spawn"}
+    env = {
+        **os.environ,
+        "VLLM_CPU_OMP_THREADS_BIND": "|".join(str(r % 2) for r in range(tp)),
+        "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+        "VLLM_WORKER_MULTIPROC_METHOD": "spawn",
+    }
     env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
-    r = subprocess.run([sys.executable, str(script), str(ckpt), str(tp), json.dumps(prompts), json.dumps(SAMPLING)],
-                       capture_output=True, text=True, env=env, timeout=600)
+    r = subprocess.run(
+        [sys.executable, str(script), str(ckpt), str(tp), json.dumps(prompts), json.dumps(SAMPLING)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
     assert r.returncode == 0 and lines, (tp, r.stdout[-2000:], r.stderr[-4000:])
-    return json.loads(lines[-1][len("RESULT "):])
+    return json.loads(lines[-1][len("RESULT ") :])
 
 
 def server_tp2(ckpt, prompts, tmp_path) -> list[dict]:
@@ -88,13 +101,22 @@ def server_tp2(ckpt, prompts, tmp_path) -> list[dict]:
     try:
         out = []
         for ids in prompts:
-            r = httpx.post(base + "/v1/completions", json={"model": str(ckpt), "prompt": ids, "return_token_ids": True,
-                                                           **SAMPLING}, timeout=120)
+            r = httpx.post(
+                base + "/v1/completions",
+                json={"model": str(ckpt), "prompt": ids, "return_token_ids": True, **SAMPLING},
+                timeout=120,
+            )
             assert r.status_code == 200, r.text
             choice = r.json()["choices"][0]
-            out.append({"prompt": [d[str(t)]["logprob"] for d, t in zip(choice["prompt_logprobs"][1:], ids[1:],
-                                                                          strict=True)],
-                        "tokens": choice["token_ids"], "greedy": choice["logprobs"]["token_logprobs"]})
+            out.append(
+                {
+                    "prompt": [
+                        d[str(t)]["logprob"] for d, t in zip(choice["prompt_logprobs"][1:], ids[1:], strict=True)
+                    ],
+                    "tokens": choice["token_ids"],
+                    "greedy": choice["logprobs"]["token_logprobs"],
+                }
+            )
         log.seek(0)
         if not any(k.startswith("VLLM_CPU_") for k in os.environ):  # the user's own layout would win
             assert "VLLM_CPU_OMP_THREADS_BIND='0|1'" in log.read()
@@ -108,8 +130,13 @@ def assert_same(got: list[dict], want: list[dict], what: str) -> None:
     for g, w in zip(got, want, strict=True):
         assert g["tokens"] == w["tokens"], f"{what}: greedy tokens differ"
         for key in ("prompt", "greedy"):
-            torch.testing.assert_close(torch.tensor(g[key]), torch.tensor(w[key]), atol=TOL, rtol=0,
-                                       msg=lambda m, key=key: f"{what} {key} logprobs: {m}")
+            torch.testing.assert_close(
+                torch.tensor(g[key]),
+                torch.tensor(w[key]),
+                atol=TOL,
+                rtol=0,
+                msg=lambda m, key=key: f"{what} {key} logprobs: {m}",
+            )
 
 
 CASES = [
@@ -121,8 +148,9 @@ CASES = [
 @pytest.mark.parametrize("family,attention_type,layouts", CASES)
 def test_parallel_layouts_equal_one_rank(tiny_checkpoint, tmp_path, family, attention_type, layouts):
     # 4 heads / 2 KV heads: TP=4 replicates each KV head (and its k_norm shard) on two ranks.
-    ckpt = tiny_checkpoint(family, DropeConfig(train_context=L, beta_coef=0.4, attention_type=attention_type),
-                           seed=17, num_layers=2)
+    ckpt = tiny_checkpoint(
+        family, DropeConfig(train_context=L, beta_coef=0.4, attention_type=attention_type), seed=17, num_layers=2
+    )
     prompts = [prompt(n, seed=n) for n in (L // 2, 3 * L)]  # inside and past L_train
     want = one_rank(ckpt, prompts)
     for how, tp in layouts:

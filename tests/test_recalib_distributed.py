@@ -27,21 +27,50 @@ from recalibration.data import PackedTrainData
 
 ROOT = Path(__file__).resolve().parents[1]
 CRASH = os.path.join(os.path.dirname(__file__), "recalib_crash.py")
-COMMON = ["--preset", "tiny", "--seq-len", "64", "--set", "eval_every=0", "--set", "log_every=1",
-          "--set", "save_total_limit=5"]
+COMMON = [
+    "--preset",
+    "tiny",
+    "--seq-len",
+    "64",
+    "--set",
+    "eval_every=0",
+    "--set",
+    "log_every=1",
+    "--set",
+    "save_total_limit=5",
+]
 
 
-def launch(out: Path, *args: str, ranks: int = 2, crash: tuple[str, int] = ("none", 0), record: Path | None = None,
-           resume: bool = False, launcher: str = "torchrun") -> subprocess.CompletedProcess:
+def launch(
+    out: Path,
+    *args: str,
+    ranks: int = 2,
+    crash: tuple[str, int] = ("none", 0),
+    record: Path | None = None,
+    resume: bool = False,
+    launcher: str = "torchrun",
+) -> subprocess.CompletedProcess:
     """recalibration.run (through the test launcher, or as a module for crash=None) under torchrun --standalone,
     accelerate launch --cpu with recalibration/fsdp.yaml, or plainly for ranks=1."""
     target = ["-m", "recalibration.run"] if crash is None else [CRASH, crash[0], str(crash[1])]
-    runner = {
-        "torchrun": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks)],
-        # The README's command; accelerate itself starts one process, recalibration.run the ranks.
-        "accelerate": [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                       str(ROOT / "recalibration" / "fsdp.yaml"), "--num_processes", str(ranks), "--cpu"],
-    }[launcher] if ranks > 1 else [sys.executable]
+    runner = (
+        {
+            "torchrun": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks)],
+            # The README's command; accelerate itself starts one process, recalibration.run the ranks.
+            "accelerate": [
+                sys.executable,
+                "-m",
+                "accelerate.commands.launch",
+                "--config_file",
+                str(ROOT / "recalibration" / "fsdp.yaml"),
+                "--num_processes",
+                str(ranks),
+                "--cpu",
+            ],
+        }[launcher]
+        if ranks > 1
+        else [sys.executable]
+    )
     cmd = [*runner, *target, *COMMON, *args, "--output-dir", str(out), *(["--resume"] if resume else [])]
     env = {**os.environ, **({"RECORD_BATCHES": str(record)} if record else {})}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
@@ -79,8 +108,14 @@ def one_process(tmp_path_factory):
 @pytest.mark.parametrize("layout", ["ddp", "fsdp"])
 def test_two_ranks_split_the_data_and_follow_the_one_process_run(tmp_path, one_process, layout):
     fsdp = layout == "fsdp"
-    two = launch(tmp_path / "two", *STEPS, "--micro-batch", "2", record=tmp_path / "rec2",
-                 launcher="accelerate" if fsdp else "torchrun")
+    two = launch(
+        tmp_path / "two",
+        *STEPS,
+        "--micro-batch",
+        "2",
+        record=tmp_path / "rec2",
+        launcher="accelerate" if fsdp else "torchrun",
+    )
     assert two.returncode == 0, two.stderr[-3000:]
 
     # Same global batch of 4: each step's 4 sequences are split 2 + 2, none on both ranks,
@@ -111,10 +146,19 @@ def test_two_ranks_split_the_data_and_follow_the_one_process_run(tmp_path, one_p
     assert all(abs(n / s2["parameters"] - 0.5) < 0.01 for n in s2["parameters_per_rank"])
     assert "model sharded (FSDP2) over 2 ranks" in two.stderr
     # final/ holds the full weights, equal to one process's within fp32 rounding ...
-    a, b = load_file(one_process / "run" / "final" / "model.safetensors"), load_file(tmp_path / "two" / "final" / "model.safetensors")
+    a, b = (
+        load_file(one_process / "run" / "final" / "model.safetensors"),
+        load_file(tmp_path / "two" / "final" / "model.safetensors"),
+    )
     assert a.keys() == b.keys() and {t.dtype for t in b.values()} == {torch.float32}
-    print("loss, 1 process:", curve1[:, 1].tolist(), "\nloss, 2 ranks sharded:", curve2[:, 1].tolist(),
-          "\nlargest weight difference:", max((a[k] - b[k]).abs().max().item() for k in a))
+    print(
+        "loss, 1 process:",
+        curve1[:, 1].tolist(),
+        "\nloss, 2 ranks sharded:",
+        curve2[:, 1].tolist(),
+        "\nlargest weight difference:",
+        max((a[k] - b[k]).abs().max().item() for k in a),
+    )
     for k in a:
         torch.testing.assert_close(b[k], a[k], msg=k)
     # ... and so is the optimizer state, gathered from the two ranks' shards.
@@ -129,9 +173,17 @@ def test_two_ranks_split_the_data_and_follow_the_one_process_run(tmp_path, one_p
     try:
         card = httpx.get(base + "/v1/models", timeout=30).json()["data"][0]
         assert card["drope"]["train_context"] == 64
-        r = httpx.post(base + "/v1/completions", json={"model": card["id"], "prompt": "The essay begins",
-                                                       "max_tokens": 8, "temperature": 0, "ignore_eos": True},
-                       timeout=120)
+        r = httpx.post(
+            base + "/v1/completions",
+            json={
+                "model": card["id"],
+                "prompt": "The essay begins",
+                "max_tokens": 8,
+                "temperature": 0,
+                "ignore_eos": True,
+            },
+            timeout=120,
+        )
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 8, r.text
     finally:
         proc.terminate()
@@ -145,8 +197,12 @@ def test_kill_one_rank_and_resume_gives_the_uninterrupted_weights(tmp_path, layo
     if layout == "fsdp":  # as llama2-7b-gpu trains: sharded, bf16 on fp32 master weights, activations recomputed
         run += ["--fsdp", "--precision", "bf16", "--set", "gradient_checkpointing=true"]
     straight, broken = tmp_path / "straight", tmp_path / "broken"
-    r = launch(straight, *run, crash=None if layout == "fsdp" else ("none", 0),
-               launcher="accelerate" if layout == "fsdp" else "torchrun")
+    r = launch(
+        straight,
+        *run,
+        crash=None if layout == "fsdp" else ("none", 0),
+        launcher="accelerate" if layout == "fsdp" else "torchrun",
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     # kill -9 of rank 1 once checkpoint-8 is in place; torchrun stops rank 0 and fails the job.
     r = launch(broken, *run, crash=("rank1-after-save", 8))
@@ -167,14 +223,24 @@ def test_a_two_rank_run_continues_on_one_process_where_its_data_stopped(tmp_path
     """Resumed on another number of ranks (from shards too), the stream goes on from the sequences the
     checkpoint consumed and every later checkpoint records its own position."""
     out, rec = tmp_path / "run", tmp_path / "rec"
-    r = launch(out, "--max-steps", "4", "--save-every", "2", "--micro-batch", "2",  # 4 sequences a step
-               *(["--fsdp"] if layout == "fsdp" else []))
+    r = launch(
+        out,
+        "--max-steps",
+        "4",
+        "--save-every",
+        "2",
+        "--micro-batch",
+        "2",  # 4 sequences a step
+        *(["--fsdp"] if layout == "fsdp" else []),
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     r = launch(out, "--max-steps", "7", "--save-every", "2", "--micro-batch", "2", ranks=1, record=rec, resume=True)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "seeking to sequence 16" in r.stderr
-    states = {int(p.parent.name.split("-")[1]): json.loads(p.read_text())
-              for p in (out / "checkpoints").glob("checkpoint-*/data_state.json")}
+    states = {
+        int(p.parent.name.split("-")[1]): json.loads(p.read_text())
+        for p in (out / "checkpoints").glob("checkpoint-*/data_state.json")
+    }
     assert {k: v["stream"]["sequences"] for k, v in states.items()} == {2: 8, 4: 16, 6: 20, 7: 22}  # 7: the final step
     summary = json.loads((out / "summary.json").read_text())
     assert summary["tokens_trained"] == (16 + 3 * 2) * 64 and summary["layout"] == "single"
@@ -183,8 +249,11 @@ def test_a_two_rank_run_continues_on_one_process_where_its_data_stopped(tmp_path
 
     from recalibration.run import resolve_base
 
-    stream = iter(PackedTrainData(DataConfig(source="builtin:essays"), AutoTokenizer.from_pretrained(resolve_base("tiny")),
-                                  64, seed=0))
+    stream = iter(
+        PackedTrainData(
+            DataConfig(source="builtin:essays"), AutoTokenizer.from_pretrained(resolve_base("tiny")), 64, seed=0
+        )
+    )
     want = [next(stream)["input_ids"].tolist() for _ in range(22)][16:]
     got = [row for step in range(4, 7) for row in recorded(rec, 0)[step]]
     assert got == want
@@ -254,7 +323,7 @@ def test_the_stream_resumes_from_its_saved_state_by_seeking(tmp_path, byte_token
         resumed.load_state_dict(state)
         it = iter(resumed)
         got = [next(it)["input_ids"].tolist() for _ in range(20)]
-        assert got == want[n:n + 20], (fmt, shuffle, n)
+        assert got == want[n : n + 20], (fmt, shuffle, n)
         # 20 sequences of 48 tokens take a handful of documents (measured 1-5), whatever n was;
         # replaying the first 150 sequences would take about 20.
         assert counting.calls <= 8, (n, counting.calls)

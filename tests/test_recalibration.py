@@ -49,8 +49,12 @@ def test_end_to_end_tiny(tmp_path, capsys):
     cfg = json.loads((final / "config.json").read_text())
     assert cfg["model_type"] == "llama_drope" and cfg["drope_train_context"] == 64
 
-    assert fit_beta.main([str(final), "--data", "builtin:essays", "--lengths", "2x,4x", "--coefs", "0,0.2,0.4",
-                          "--windows", "2"]) == 0
+    assert (
+        fit_beta.main(
+            [str(final), "--data", "builtin:essays", "--lengths", "2x,4x", "--coefs", "0,0.2,0.4", "--windows", "2"]
+        )
+        == 0
+    )
     fitted = json.loads((final / "config.json").read_text())["drope_beta_coef"]
     table = json.loads((final / "fit_beta" / "fit_beta.json").read_text())
     assert fitted == table["best_coef"] and (final / "fit_beta" / "fit_beta.png").exists()
@@ -59,8 +63,9 @@ def test_end_to_end_tiny(tmp_path, capsys):
     with vllm_engine(final, max_model_len=512, hf_overrides={"max_position_embeddings": 512}) as llm:
         from vllm import SamplingParams
 
-        (o,) = llm.generate({"prompt_token_ids": list(range(60, 260))}, SamplingParams(max_tokens=8, temperature=0),
-                            use_tqdm=False)
+        (o,) = llm.generate(
+            {"prompt_token_ids": list(range(60, 260))}, SamplingParams(max_tokens=8, temperature=0), use_tqdm=False
+        )
         model = llm.llm_engine.model_executor.driver_worker.worker.model_runner.model
     assert type(model).__name__ == "DroPELlamaForCausalLM" and len(o.outputs[0].token_ids) == 8
     assert model.model.layers[0].self_attn.drope.beta_coef == fitted
@@ -95,14 +100,17 @@ def test_half_written_checkpoint_is_never_resumed(tmp_path):
     assert r.returncode == 0 and "checkpoint-4" in r.stderr, r.stderr[-3000:]
 
 
-@pytest.mark.parametrize("setup,args,match", [
-    ("none", ["--data", "/nonexistent/corpus.txt"], "does not exist"),
-    ("empty", ["--data", "{tmp}/empty"], "no .txt"),
-    ("short", ["--data", "{tmp}/short"], "fewer than one sequence"),
-    ("none", ["--attention-type", "rope_nope"], "unknown attention type"),
-    ("other-run", [], "already holds a different run"),
-    ("other-files", [], "already holds other files"),
-])
+@pytest.mark.parametrize(
+    "setup,args,match",
+    [
+        ("none", ["--data", "/nonexistent/corpus.txt"], "does not exist"),
+        ("empty", ["--data", "{tmp}/empty"], "no .txt"),
+        ("short", ["--data", "{tmp}/short"], "fewer than one sequence"),
+        ("none", ["--attention-type", "rope_nope"], "unknown attention type"),
+        ("other-run", [], "already holds a different run"),
+        ("other-files", [], "already holds other files"),
+    ],
+)
 def test_bad_inputs_fail_clearly_and_overwrite_nothing(tmp_path, capsys, setup, args, match):
     (tmp_path / "empty").mkdir()
     (tmp_path / "short").mkdir()
@@ -116,8 +124,7 @@ def test_bad_inputs_fail_clearly_and_overwrite_nothing(tmp_path, capsys, setup, 
         out.mkdir()
         (out / "notes.txt").write_text("keep me")
     before = sorted(p.name for p in out.iterdir()) if out.exists() else None
-    argv = [*FAST, "--output-dir", str(out), "--max-steps", "2",
-            *[a.replace("{tmp}", str(tmp_path)) for a in args]]
+    argv = [*FAST, "--output-dir", str(out), "--max-steps", "2", *[a.replace("{tmp}", str(tmp_path)) for a in args]]
     if setup == "short":
         argv += ["--set", "data.heldout_docs=1", "--seq-len", "100"]
     assert run_main(argv) == 2
@@ -196,8 +203,10 @@ def test_token_budget_is_global_over_ranks():
 def test_bf16_training_keeps_fp32_master_weights(tmp_path):
     """precision=bf16 computes in bf16 but keeps (and saves) fp32 weights, as on one GPU."""
     out = tmp_path / "run"
-    assert run_main([*FAST, "--output-dir", str(out), "--max-steps", "2", "--save-every", "2",
-                     "--set", "precision=bf16"]) == 0
+    assert (
+        run_main([*FAST, "--output-dir", str(out), "--max-steps", "2", "--save-every", "2", "--set", "precision=bf16"])
+        == 0
+    )
     weights = load_file(out / "final" / "model.safetensors")
     assert {t.dtype for t in weights.values()} == {torch.float32}
 
@@ -222,8 +231,9 @@ def test_fsdp_yaml_turns_on_sharding_with_a_unit_per_decoder_layer(tiny_checkpoi
     assert units.get("lm_head") is False  # kept until backward, with the final norm
     total = sum(p.numel() for p in model.parameters())
     for world in (2, 3):
-        plan = sharding.plan(model, fsdp=True, world_size=world, bf16=True, micro_batch=1, seq_len=64,
-                             gradient_checkpointing=False)
+        plan = sharding.plan(
+            model, fsdp=True, world_size=world, bf16=True, micro_batch=1, seq_len=64, gradient_checkpointing=False
+        )
         assert sum(plan.per_rank) == plan.total == total and max(plan.per_rank) - min(plan.per_rank) < total / 50
 
 
@@ -233,14 +243,63 @@ def test_cli_has_every_flag_and_each_sets_its_config_field():
 
     parser = build_parser()
     options = {o for a in parser._actions for o in a.option_strings}
-    for flag in ("--preset", "--config", "--base", "--output-dir", "--data", "--attention-type", "--keep-rope",
-                 "--seq-len", "--max-steps", "--token-budget", "--micro-batch", "--grad-accum", "--lr", "--precision",
-                 "--seed", "--save-every", "--set", "--resume", "--overwrite", "--fsdp", "--dry-run"):
+    for flag in (
+        "--preset",
+        "--config",
+        "--base",
+        "--output-dir",
+        "--data",
+        "--attention-type",
+        "--keep-rope",
+        "--seq-len",
+        "--max-steps",
+        "--token-budget",
+        "--micro-batch",
+        "--grad-accum",
+        "--lr",
+        "--precision",
+        "--seed",
+        "--save-every",
+        "--set",
+        "--resume",
+        "--overwrite",
+        "--fsdp",
+        "--dry-run",
+    ):
         assert flag in options, flag
-    args = parser.parse_args(["--output-dir", "o", "--data", "d.txt", "--lr", "1e-4", "--keep-rope", "--seq-len", "32",
-                              "--token-budget", "999", "--micro-batch", "3", "--grad-accum", "2", "--precision", "bf16",
-                              "--seed", "7", "--save-every", "5", "--base", "b", "--set", "optim.weight_decay=0.05",
-                              "--set", "data.heldout_docs=4", "--fsdp", "--resume"])
+    args = parser.parse_args(
+        [
+            "--output-dir",
+            "o",
+            "--data",
+            "d.txt",
+            "--lr",
+            "1e-4",
+            "--keep-rope",
+            "--seq-len",
+            "32",
+            "--token-budget",
+            "999",
+            "--micro-batch",
+            "3",
+            "--grad-accum",
+            "2",
+            "--precision",
+            "bf16",
+            "--seed",
+            "7",
+            "--save-every",
+            "5",
+            "--base",
+            "b",
+            "--set",
+            "optim.weight_decay=0.05",
+            "--set",
+            "data.heldout_docs=4",
+            "--fsdp",
+            "--resume",
+        ]
+    )
     cfg = config_from_args(args)
     assert (cfg.output_dir, cfg.data.source, cfg.optim.lr, cfg.keep_rope, cfg.seq_len) == ("o", "d.txt", 1e-4, True, 32)
     assert (cfg.token_budget, cfg.max_steps, cfg.micro_batch, cfg.grad_accum) == (999, None, 3, 2)
@@ -271,12 +330,40 @@ def test_dry_run_of_llama2_7b_on_8_ranks_needs_no_weights(tmp_path, capsys):
 
     base = tmp_path / "llama-2-7b"
     save_byte_tokenizer(base)
-    (base / "config.json").write_text(json.dumps({
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008,
-        "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000,
-        "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "tie_word_embeddings": False}))
-    assert run_main(["--preset", "llama2-7b-gpu", "--base", str(base), "--data", "builtin:essays",
-                     "--output-dir", str(tmp_path / "out"), "--dry-run", "8"]) == 0
+    (base / "config.json").write_text(
+        json.dumps(
+            {
+                "architectures": ["LlamaForCausalLM"],
+                "model_type": "llama",
+                "hidden_size": 4096,
+                "intermediate_size": 11008,
+                "num_hidden_layers": 32,
+                "num_attention_heads": 32,
+                "num_key_value_heads": 32,
+                "vocab_size": 32000,
+                "max_position_embeddings": 4096,
+                "rms_norm_eps": 1e-5,
+                "tie_word_embeddings": False,
+            }
+        )
+    )
+    assert (
+        run_main(
+            [
+                "--preset",
+                "llama2-7b-gpu",
+                "--base",
+                str(base),
+                "--data",
+                "builtin:essays",
+                "--output-dir",
+                str(tmp_path / "out"),
+                "--dry-run",
+                "8",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     total = 6_738_415_616 + 32 * 2 * 4096
     assert f"{total:,} parameters" in printed and "over 8 ranks" in printed and "32 x model.layers.*" in printed

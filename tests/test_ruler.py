@@ -1,6 +1,6 @@
 """loadtest.ruler: RULER's scoring, prompt construction and depth axis, on a fake server; no torch.
 
-    python -m pytest tests/test_ruler.py
+python -m pytest tests/test_ruler.py
 """
 
 from __future__ import annotations
@@ -29,17 +29,35 @@ NEEDLE = r"One of the special magic \w+ for [\w-]+ is: [\w-]+\."
 # scripts/eval/evaluate.py (postprocess_pred), Apache-2.0. Corpus-level: mean x 100, rounded.
 def ruler_postprocess_pred(predict_str):
     predict_str = predict_str.strip()
-    np_pattern = re.compile(r'[\x00-\x1f]')
-    return np_pattern.sub('\n', predict_str).strip()
+    np_pattern = re.compile(r"[\x00-\x1f]")
+    return np_pattern.sub("\n", predict_str).strip()
 
 
 def ruler_string_match_part(preds, refs):
-    score = sum([max([1.0 if r.lower() in pred.lower() else 0.0 for r in ref]) for pred, ref in zip(preds, refs, strict=False)]) / len(preds) * 100
+    score = (
+        sum(
+            [
+                max([1.0 if r.lower() in pred.lower() else 0.0 for r in ref])
+                for pred, ref in zip(preds, refs, strict=False)
+            ]
+        )
+        / len(preds)
+        * 100
+    )
     return round(score, 2)
 
 
 def ruler_string_match_all(preds, refs):
-    score = sum([sum([1.0 if r.lower() in pred.lower() else 0.0 for r in ref]) / len(ref) for pred, ref in zip(preds, refs, strict=False)]) / len(preds) * 100
+    score = (
+        sum(
+            [
+                sum([1.0 if r.lower() in pred.lower() else 0.0 for r in ref]) / len(ref)
+                for pred, ref in zip(preds, refs, strict=False)
+            ]
+        )
+        / len(preds)
+        * 100
+    )
     return round(score, 2)
 
 
@@ -121,7 +139,7 @@ def test_depths_exact_at_both_ends(builder, task):
         if depth == 0.0:  # nothing but the instruction before it
             assert re.fullmatch(r"(Some|A) special magic .* afterwards\.\s*", text[: needle.start()], re.S)
         else:  # nothing but the question after it
-            assert text[needle.end():].lstrip().startswith("What ")
+            assert text[needle.end() :].lstrip().startswith("What ")
 
 
 def test_task_contents_follow_ruler(builder):
@@ -143,8 +161,11 @@ def test_task_contents_follow_ruler(builder):
     value = re.search(r"assigned the value (\d+) in", text).group(1)
     chain, name = [], None  # follow the chain through the text itself
     for line in text.split("\n"):
-        m = re.fullmatch(rf"VAR (\w+) = {value}", line.strip()) if name is None else \
-            re.fullmatch(rf"VAR (\w+) = VAR {name}", line.strip())
+        m = (
+            re.fullmatch(rf"VAR (\w+) = {value}", line.strip())
+            if name is None
+            else re.fullmatch(rf"VAR (\w+) = VAR {name}", line.strip())
+        )
         if m:
             name = m.group(1)
             chain.append(name)
@@ -172,8 +193,24 @@ def test_seeds_reproduce_prompts_byte_for_byte(fake, builder):
 @pytest.mark.parametrize("endpoint", ["completions", "chat"])
 def test_depth_axis_on_a_model_that_reads_only_the_first_half(fake, tmp_path, endpoint):
     out = tmp_path / "r"
-    rc = ruler.main(["--base-url", fake, "--tasks", "niah_single_2,niah_multikey_1", "--lengths", "1024,1536",
-                     "--depths", "0,1", "--trials", "6", "--endpoint", endpoint, "--out-dir", str(out)])
+    rc = ruler.main(
+        [
+            "--base-url",
+            fake,
+            "--tasks",
+            "niah_single_2,niah_multikey_1",
+            "--lengths",
+            "1024,1536",
+            "--depths",
+            "0,1",
+            "--trials",
+            "6",
+            "--endpoint",
+            endpoint,
+            "--out-dir",
+            str(out),
+        ]
+    )
     assert rc == 0
     res = json.loads((out / "results.json").read_text())
     for task in ("niah_single_2", "niah_multikey_1"):
@@ -191,13 +228,34 @@ def test_depth_axis_on_a_model_that_reads_only_the_first_half(fake, tmp_path, en
 def test_qa_from_local_files_in_ruler_format(fake, tmp_path):
     """qa_1 reads SQuAD (the same article's paragraphs are the first distractors, as RULER picks
     them), qa_2 reads HotpotQA; each task refuses to run without its own file."""
-    squad = {"data": [{"paragraphs": [
-        {"context": f"Article {a} paragraph {i}. " * 5, "qas": [
-            {"question": f"What is in article {a} paragraph {i}?", "answers": [{"text": f"A{a}P{i}"}],
-             "is_impossible": False}]} for i in range(4)]} for a in range(30)]}
-    hotpot = [{"question": f"Who links {i} and {i + 1}?", "answer": f"H{i}",
-               "context": [[f"Title {i}", [f"Fact {i}. "] * 4], [f"Title {i + 1}", [f"Fact {i + 1}. "] * 4]]}
-              for i in range(40)]
+    squad = {
+        "data": [
+            {
+                "paragraphs": [
+                    {
+                        "context": f"Article {a} paragraph {i}. " * 5,
+                        "qas": [
+                            {
+                                "question": f"What is in article {a} paragraph {i}?",
+                                "answers": [{"text": f"A{a}P{i}"}],
+                                "is_impossible": False,
+                            }
+                        ],
+                    }
+                    for i in range(4)
+                ]
+            }
+            for a in range(30)
+        ]
+    }
+    hotpot = [
+        {
+            "question": f"Who links {i} and {i + 1}?",
+            "answer": f"H{i}",
+            "context": [[f"Title {i}", [f"Fact {i}. "] * 4], [f"Title {i + 1}", [f"Fact {i + 1}. "] * 4]],
+        }
+        for i in range(40)
+    ]
     (tmp_path / "squad.json").write_text(json.dumps(squad))
     (tmp_path / "hotpot.json").write_text(json.dumps(hotpot))
     tok = ServerTokenizer(connect(fake, None))
@@ -268,8 +326,11 @@ def test_line_haystacks_are_whole_lines(builder, task):
         assert len(cut) <= 1 and all(i >= len(lines) - 2 for i in cut), [lines[i] for i in cut]
         for i in cut:
             line = lines[i]
-            assert line and (NOISE.startswith(line) if spec.haystack == "noise" else
-                             "One of the special magic ".startswith(line[:25])), line
+            assert line and (
+                NOISE.startswith(line)
+                if spec.haystack == "noise"
+                else "One of the special magic ".startswith(line[:25])
+            ), line
 
 
 class OtherTokenizer(KeepAlive):
@@ -281,8 +342,11 @@ class OtherTokenizer(KeepAlive):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         if self.path == "/detokenize":
             return self._send({"prompt": bytes(i - 7 for i in body["tokens"]).decode(errors="replace")})
-        text = chat(body["messages"]) if "messages" in body else \
-            (BOS if body.get("add_special_tokens", True) else "") + body["prompt"]
+        text = (
+            chat(body["messages"])
+            if "messages" in body
+            else (BOS if body.get("add_special_tokens", True) else "") + body["prompt"]
+        )
         ids = [b + 7 for b in text.encode()]
         self._send({"count": len(ids), "max_model_len": 8192, "tokens": ids, "token_strs": None})
 
@@ -292,8 +356,22 @@ def test_compare_across_tokenizers_goes_through_chat(fake, tmp_path, capsys):
     (The second server used to decode the first one's ids with its own tokenizer.)"""
     srv, other = serve(OtherTokenizer)
     try:
-        argv = ["--base-url", fake, "--compare", other, "--tasks", "niah_single_2", "--lengths", "1024",
-                "--depths", "0,1", "--trials", "2", "--out-dir", str(tmp_path)]
+        argv = [
+            "--base-url",
+            fake,
+            "--compare",
+            other,
+            "--tasks",
+            "niah_single_2",
+            "--lengths",
+            "1024",
+            "--depths",
+            "0,1",
+            "--trials",
+            "2",
+            "--out-dir",
+            str(tmp_path),
+        ]
         assert ruler.main(argv) == 2 and "tokenises differently" in capsys.readouterr().err
         assert ruler.main([*argv, "--endpoint", "chat"]) == 0
     finally:
@@ -311,11 +389,17 @@ def test_run_and_spec_are_the_cli_as_functions(fake):
     spec = ruler.Spec(tasks=["niah_single_2"], lengths=[1024], depths=[0, 1], trials=4, seed=10)
     results = ruler.run(fake, spec)
     assert [(r.task, r.depth, r.seed, r.score, r.error) for r in results] == [
-        ("niah_single_2", d, s, float(d == 0), None) for d, s in ((0, 10), (1, 11), (0, 12), (1, 13))]
+        ("niah_single_2", d, s, float(d == 0), None) for d, s in ((0, 10), (1, 11), (0, 12), (1, 13))
+    ]
     assert all(r.prompt_tokens + 128 == 1024 for r in results)
     assert ruler.by_length(results) == {"niah_single_2": {1024: 0.5}}
-    for bad, message in (({"tasks": ["niah_single_9"]}, "niah_single_9"), ({"depths": [1.5]}, "1.5"),
-                         ({"trials": 0}, "positive"), ({"endpoint": "responses"}, "endpoint"), ({"depths": []}, "one")):
+    for bad, message in (
+        ({"tasks": ["niah_single_9"]}, "niah_single_9"),
+        ({"depths": [1.5]}, "1.5"),
+        ({"trials": 0}, "positive"),
+        ({"endpoint": "responses"}, "endpoint"),
+        ({"depths": []}, "one"),
+    ):
         with pytest.raises(ValueError, match=message):
             ruler.Spec(**{"tasks": ["vt"], "lengths": [1024], **bad})
 
@@ -338,8 +422,22 @@ print('ok')
 
 def test_task_score_is_the_mean_over_trials_not_over_depth_cells(fake, tmp_path):
     # 3 trials over depths 0 and 1: two at depth 0 (the fake model finds them), one at depth 1 (it does not)
-    rc = ruler.main(["--base-url", fake, "--tasks", "niah_single_2", "--lengths", "1024", "--depths", "0,1",
-                     "--trials", "3", "--out-dir", str(tmp_path)])
+    rc = ruler.main(
+        [
+            "--base-url",
+            fake,
+            "--tasks",
+            "niah_single_2",
+            "--lengths",
+            "1024",
+            "--depths",
+            "0,1",
+            "--trials",
+            "3",
+            "--out-dir",
+            str(tmp_path),
+        ]
+    )
     assert rc == 0
     res = json.loads((tmp_path / "results.json").read_text())["server1"]
     assert res["accuracy"]["niah_single_2"]["1024"] == {"0.0": 1.0, "1.0": 0.0}
@@ -357,7 +455,8 @@ def test_lm_eval_string_match_part_is_not_rulers():
     assert common_utils.string_match_part([pred], [refs]) == 0.5
     # string_match_all and the prediction clean-up agree
     assert common_utils.string_match_all(["a\x00b 1111111"], [["1111111", "2222222"]]) == ruler.score(
-        "string_match_all", "a\x00b 1111111", ["1111111", "2222222"])
+        "string_match_all", "a\x00b 1111111", ["1111111", "2222222"]
+    )
 
 
 LM_EVAL_TASK = """
@@ -389,24 +488,61 @@ def test_lm_eval_runs_our_ruler_prompts_against_the_server(tmp_path):
     from model_patches.assets import smollm2_hf_dir
 
     ckpt = smollm2_hf_dir()
-    proc, base, _ = launch_server(ckpt, tmp_path, "--served-model-name", "smol", "--max-model-len", "2048",
-                                  "--kv-cache-memory-bytes", "512M")
+    proc, base, _ = launch_server(
+        ckpt, tmp_path, "--served-model-name", "smol", "--max-model-len", "2048", "--kv-cache-memory-bytes", "512M"
+    )
     try:
         data = tmp_path / "ruler.jsonl"
-        rc = ruler.main(["--base-url", base, "--tasks", "niah_single_1,niah_multikey_2", "--lengths", "1024",
-                         "--depths", "0,0.5,1", "--trials", "6", "--out-dir", str(tmp_path / "ours"),
-                         "--export", str(data)])
+        rc = ruler.main(
+            [
+                "--base-url",
+                base,
+                "--tasks",
+                "niah_single_1,niah_multikey_2",
+                "--lengths",
+                "1024",
+                "--depths",
+                "0,0.5,1",
+                "--trials",
+                "6",
+                "--out-dir",
+                str(tmp_path / "ours"),
+                "--export",
+                str(data),
+            ]
+        )
         assert rc == 0
         (tmp_path / "drope_ruler_utils.py").write_text(
-            "from lm_eval.tasks.ruler.common_utils import aggregate_metrics, process_results  # noqa: F401\n")
+            "from lm_eval.tasks.ruler.common_utils import aggregate_metrics, process_results  # noqa: F401\n"
+        )
         (tmp_path / "drope_ruler.yaml").write_text(LM_EVAL_TASK.format(data=data, length=1024))
-        model_args = (f"model=smol,base_url={base}/v1/completions,tokenizer={ckpt},tokenizer_backend=huggingface,"
-                      "tokenized_requests=False,max_length=2048,max_retries=1")
+        model_args = (
+            f"model=smol,base_url={base}/v1/completions,tokenizer={ckpt},tokenizer_backend=huggingface,"
+            "tokenized_requests=False,max_length=2048,max_retries=1"
+        )
         r = subprocess.run(
-            [sys.executable, "-m", "lm_eval", "--model", "local-completions", "--model_args", model_args,
-             "--tasks", "drope_ruler_local", "--include_path", str(tmp_path), "--batch_size", "4",
-             "--log_samples", "--output_path", str(tmp_path / "lm_eval")],
-            capture_output=True, text=True, timeout=900)
+            [
+                sys.executable,
+                "-m",
+                "lm_eval",
+                "--model",
+                "local-completions",
+                "--model_args",
+                model_args,
+                "--tasks",
+                "drope_ruler_local",
+                "--include_path",
+                str(tmp_path),
+                "--batch_size",
+                "4",
+                "--log_samples",
+                "--output_path",
+                str(tmp_path / "lm_eval"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
         assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
     finally:
         proc.terminate()

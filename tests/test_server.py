@@ -39,10 +39,24 @@ CTX = 4096
 def server(tiny_checkpoint, tmp_path_factory):
     ckpt = tiny_checkpoint("llama", DropeConfig(train_context=L, beta_coef=0.3, attention_type="qk_norm_nope"), seed=21)
     # A random model would pad JSON with whitespace forever; compact JSON is vLLM's own switch.
-    proc, base, log = launch(ckpt, tmp_path_factory.mktemp("server"), "--served-model-name", "tiny-drope",
-                             "--api-key", KEY, "--max-num-seqs", "2", "--max-queue", "2", "--max-body", "64KiB",
-                             "--max-model-len", str(CTX),
-                             "--structured-outputs-config", '{"backend": "xgrammar", "disable_any_whitespace": true}')
+    proc, base, log = launch(
+        ckpt,
+        tmp_path_factory.mktemp("server"),
+        "--served-model-name",
+        "tiny-drope",
+        "--api-key",
+        KEY,
+        "--max-num-seqs",
+        "2",
+        "--max-queue",
+        "2",
+        "--max-body",
+        "64KiB",
+        "--max-model-len",
+        str(CTX),
+        "--structured-outputs-config",
+        '{"backend": "xgrammar", "disable_any_whitespace": true}',
+    )
     yield {"base": base, "proc": proc, "ckpt": ckpt, "log": log}
     if proc.poll() is None:
         proc.kill()
@@ -93,7 +107,9 @@ def test_completion_stream_equals_whole_and_usage_adds_up(client):
 
 
 def test_chat_stream_equals_whole(client):
-    kw = dict(model="tiny-drope", messages=[{"role": "user", "content": "Say something."}], max_tokens=20, temperature=0)
+    kw = dict(
+        model="tiny-drope", messages=[{"role": "user", "content": "Say something."}], max_tokens=20, temperature=0
+    )
     whole = client.chat.completions.create(**kw)
     chunks = list(client.chat.completions.create(stream=True, **kw))
     assert chunks[0].choices[0].delta.role == "assistant"
@@ -130,18 +146,33 @@ def test_batched_prompts_equal_one_by_one(client):
 def test_logit_bias_forces_a_token(server, client):
     (q,) = post(server, "/tokenize", {"model": "tiny-drope", "prompt": "Q"}).json()["tokens"]
     free = greedy(client, "ab", 5)
-    forced = client.completions.create(model="tiny-drope", prompt="ab", max_tokens=5, temperature=0,
-                                       logit_bias={str(q): 100}).choices[0].text
+    forced = (
+        client.completions.create(
+            model="tiny-drope", prompt="ab", max_tokens=5, temperature=0, logit_bias={str(q): 100}
+        )
+        .choices[0]
+        .text
+    )
     assert forced == "QQQQQ" and free != forced
 
 
 def test_json_schema_response_format_validates(client):
-    schema = {"type": "object", "properties": {"answer": {"type": "string", "enum": ["yes", "no"]},
-                                               "n": {"type": "integer", "minimum": 0, "maximum": 9}},
-              "required": ["answer", "n"], "additionalProperties": False}
+    schema = {
+        "type": "object",
+        "properties": {
+            "answer": {"type": "string", "enum": ["yes", "no"]},
+            "n": {"type": "integer", "minimum": 0, "maximum": 9},
+        },
+        "required": ["answer", "n"],
+        "additionalProperties": False,
+    }
     r = client.chat.completions.create(
-        model="tiny-drope", messages=[{"role": "user", "content": "yes or no?"}], max_tokens=60, temperature=0,
-        response_format={"type": "json_schema", "json_schema": {"name": "a", "schema": schema}})
+        model="tiny-drope",
+        messages=[{"role": "user", "content": "yes or no?"}],
+        max_tokens=60,
+        temperature=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "a", "schema": schema}},
+    )
     jsonschema.validate(json.loads(r.choices[0].message.content), schema)
     # Unknown fields are refused, not silently ignored? vLLM ignores them (and logs a warning);
     # what matters to a client asking for JSON mode is that it is honoured, checked above.
@@ -149,8 +180,13 @@ def test_json_schema_response_format_validates(client):
 
 def test_structured_choice(client):
     for p in ("pick one:", "another prompt", "x"):
-        r = client.completions.create(model="tiny-drope", prompt=p, max_tokens=10, temperature=0,
-                                      extra_body={"structured_outputs": {"choice": ["alpha", "beta", "gamma"]}})
+        r = client.completions.create(
+            model="tiny-drope",
+            prompt=p,
+            max_tokens=10,
+            temperature=0,
+            extra_body={"structured_outputs": {"choice": ["alpha", "beta", "gamma"]}},
+        )
         assert r.choices[0].text in ("alpha", "beta", "gamma")
 
 
@@ -168,8 +204,9 @@ def test_responses_and_messages_apis_equal_chat(server, client):
 def test_long_prompt_past_train_context_matches_reference(client, server):
     """s = 200 / 64 > 3: the server's greedy answer is the transformers reference's."""
     ids = prompt(200, seed=33)
-    r = client.completions.create(model="tiny-drope", prompt=ids, max_tokens=12, temperature=0, logprobs=0,
-                                  extra_body={"return_token_ids": True})
+    r = client.completions.create(
+        model="tiny-drope", prompt=ids, max_tokens=12, temperature=0, logprobs=0, extra_body={"return_token_ids": True}
+    )
     ref = load_reference(server["ckpt"])
     _, toks, glp = reference_run(ref, ids)
     assert r.choices[0].model_extra["token_ids"] == toks
@@ -180,15 +217,30 @@ def test_long_prompt_past_train_context_matches_reference(client, server):
 def test_error_envelopes_and_server_stays_healthy(server, client):
     cases = [
         # vLLM's wording: "... maximum context length is 4096 tokens ..." with both numbers.
-        (lambda: post(server, "/v1/completions", {"model": "tiny-drope", "prompt": "x" * 5000, "max_tokens": 100}),
-         400, "4096"),
-        (lambda: httpx.post(server["base"] + "/v1/completions", content=b"{not json",
-                            headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}),
-         400, "JSON"),
-        (lambda: post(server, "/v1/completions", {"model": "tiny-drope", "prompt": "x", "max_tokens": "many"}),
-         400, "max_tokens"),
-        (lambda: post(server, "/v1/completions", {"model": "tiny-drope", "prompt": "x", "temperature": -1}),
-         400, "temperature"),
+        (
+            lambda: post(server, "/v1/completions", {"model": "tiny-drope", "prompt": "x" * 5000, "max_tokens": 100}),
+            400,
+            "4096",
+        ),
+        (
+            lambda: httpx.post(
+                server["base"] + "/v1/completions",
+                content=b"{not json",
+                headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"},
+            ),
+            400,
+            "JSON",
+        ),
+        (
+            lambda: post(server, "/v1/completions", {"model": "tiny-drope", "prompt": "x", "max_tokens": "many"}),
+            400,
+            "max_tokens",
+        ),
+        (
+            lambda: post(server, "/v1/completions", {"model": "tiny-drope", "prompt": "x", "temperature": -1}),
+            400,
+            "temperature",
+        ),
         (lambda: post(server, "/v1/completions", {"model": "tiny-drope", "prompt": [5, 10**9]}), 400, "out of vocab"),
         (lambda: post(server, "/v1/chat/completions", {"model": "tiny-drope", "messages": "hello"}), 400, "messages"),
         (lambda: post(server, "/v1/completions", {"model": "gpt-4", "prompt": "x"}), 404, "does not exist"),
@@ -197,8 +249,15 @@ def test_error_envelopes_and_server_stays_healthy(server, client):
         (lambda: post(server, "/tokenize", {"prompt": "x"}, key=None), 401, "API key"),
         (lambda: post(server, "/detokenize", {"tokens": [70]}, key="wrong"), 401, "API key"),
         (lambda: post(server, "/v1/completions", {"model": "tiny-drope", "prompt": "y" * 100_000}), 413, "limit"),
-        (lambda: httpx.post(server["base"] + "/v1/completions", content=(b"z" * 1024 for _ in range(100)),
-                            headers={"Authorization": f"Bearer {KEY}"}), 413, "limit"),  # chunked, no length
+        (
+            lambda: httpx.post(
+                server["base"] + "/v1/completions",
+                content=(b"z" * 1024 for _ in range(100)),
+                headers={"Authorization": f"Bearer {KEY}"},
+            ),
+            413,
+            "limit",
+        ),  # chunked, no length
         (lambda: post(server, "/v1/nothing-here", {}), 404, "Not Found"),
     ]
     for call, status, text in cases:
@@ -215,11 +274,37 @@ def test_no_client_input_produces_a_500(server, client):
     odd = [None, -1, 0, 10**12, 1e308, -0.5, "text", "", [], [1, -2], {}, {"a": 1}, True]
     templates = {
         "/v1/completions": {"model": "tiny-drope", "prompt": "hi", "max_tokens": 4},
-        "/v1/chat/completions": {"model": "tiny-drope", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4},
+        "/v1/chat/completions": {
+            "model": "tiny-drope",
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 4,
+        },
     }
-    fields = ["model", "prompt", "messages", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "n",
-              "logprobs", "top_logprobs", "echo", "stream", "stream_options", "presence_penalty", "ignore_eos",
-              "logit_bias", "response_format", "min_p", "repetition_penalty", "min_tokens", "stop_token_ids"]
+    fields = [
+        "model",
+        "prompt",
+        "messages",
+        "max_tokens",
+        "temperature",
+        "top_p",
+        "top_k",
+        "seed",
+        "stop",
+        "n",
+        "logprobs",
+        "top_logprobs",
+        "echo",
+        "stream",
+        "stream_options",
+        "presence_penalty",
+        "ignore_eos",
+        "logit_bias",
+        "response_format",
+        "min_p",
+        "repetition_penalty",
+        "min_tokens",
+        "stop_token_ids",
+    ]
     for path, template in templates.items():
         for field in fields:
             for value in odd:
@@ -240,12 +325,22 @@ def test_api_key_guards_everything_but_health_and_metrics(server, client):
 
 def test_full_queue_answers_429_with_retry_after(server, client):
     async def one(c, stream):
-        return await c.post("/v1/completions", json={"model": "tiny-drope", "prompt": "q", "max_tokens": 400,
-                                                     "temperature": 0, "ignore_eos": True, "stream": stream})
+        return await c.post(
+            "/v1/completions",
+            json={
+                "model": "tiny-drope",
+                "prompt": "q",
+                "max_tokens": 400,
+                "temperature": 0,
+                "ignore_eos": True,
+                "stream": stream,
+            },
+        )
 
     async def burst(stream):
-        async with httpx.AsyncClient(base_url=server["base"], timeout=60,
-                                     headers={"Authorization": f"Bearer {KEY}"}) as c:
+        async with httpx.AsyncClient(
+            base_url=server["base"], timeout=60, headers={"Authorization": f"Bearer {KEY}"}
+        ) as c:
             return await asyncio.gather(*[one(c, stream) for _ in range(8)])
 
     for stream in (False, True):  # vLLM reports a full queue as 503, or as the first event of a 200 stream
@@ -255,7 +350,7 @@ def test_full_queue_answers_429_with_retry_after(server, client):
         busy = next(r for r in rs if r.status_code == 429)
         assert busy.headers["Retry-After"] == "1" and busy.json()["error"]["code"] == "queue_full"
         assert all("error" not in r.text for r in rs if r.status_code == 200)
-    assert scrape_metrics(server["base"])['vllm:admission_rejections_total'] >= 2
+    assert scrape_metrics(server["base"])["vllm:admission_rejections_total"] >= 2
     assert_healthy(client)
 
 
@@ -268,12 +363,15 @@ def _wait_idle(server, seconds):
         time.sleep(0.1)
 
 
-@pytest.mark.parametrize("path,body,stream", [
-    ("/v1/completions", {"prompt": "z"}, True),
-    ("/v1/completions", {"prompt": "z"}, False),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "z"}]}, False),
-    ("/v1/responses", {"input": "z"}, False),
-])
+@pytest.mark.parametrize(
+    "path,body,stream",
+    [
+        ("/v1/completions", {"prompt": "z"}, True),
+        ("/v1/completions", {"prompt": "z"}, False),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "z"}]}, False),
+        ("/v1/responses", {"input": "z"}, False),
+    ],
+)
 def test_client_disconnect_aborts_the_request(server, client, path, body, stream):
     """A client that hangs up (streamed or not) frees its sequence within 2 s; generation stops."""
     _wait_idle(server, 10)
@@ -302,8 +400,11 @@ def test_metrics_parse_and_counters_move(server, client):
     ids = prompt(200, seed=3)  # s = 200 / 64
     client.completions.create(model="tiny-drope", prompt=ids, max_tokens=5, temperature=0)
     after = scrape_metrics(server["base"])
-    for name in ("vllm:prompt_tokens_total", "vllm:time_to_first_token_seconds_count",
-                 "vllm:e2e_request_latency_seconds_count"):
+    for name in (
+        "vllm:prompt_tokens_total",
+        "vllm:time_to_first_token_seconds_count",
+        "vllm:e2e_request_latency_seconds_count",
+    ):
         assert after[name] > before.get(name, 0), name
     assert after["vllm:generation_tokens_total"] - before["vllm:generation_tokens_total"] == 5
     assert after["drope:extension_factor_count"] == before["drope:extension_factor_count"] + 1
@@ -350,15 +451,25 @@ def test_rope_parent_with_yarn_through_the_same_server(tiny_checkpoint, tmp_path
 
     ckpt = tiny_checkpoint("llama", None, seed=4, max_position_embeddings=128)
     # transformers 5 convention: max_position_embeddings is the extended length.
-    yarn = {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128,
-                                "rope_theta": 10000.0}, "max_position_embeddings": 512}
+    yarn = {
+        "rope_parameters": {
+            "rope_type": "yarn",
+            "factor": 4.0,
+            "original_max_position_embeddings": 128,
+            "rope_theta": 10000.0,
+        },
+        "max_position_embeddings": 512,
+    }
     ids = prompt(100, seed=5)
     proc, base, log = launch(ckpt, tmp_path, "--hf-overrides", json.dumps(yarn), "--max-model-len", "512")
     try:
         card = httpx.get(base + "/v1/models").json()["data"][0]
         assert card["drope"] is None and card["max_model_len"] == 512
-        r = httpx.post(base + "/v1/completions", json={"model": str(ckpt), "prompt": ids, "max_tokens": 1,
-                                                       "temperature": 0, "prompt_logprobs": 0}, timeout=60)
+        r = httpx.post(
+            base + "/v1/completions",
+            json={"model": str(ckpt), "prompt": ids, "max_tokens": 1, "temperature": 0, "prompt_logprobs": 0},
+            timeout=60,
+        )
         assert r.status_code == 200, r.text
         served = [next(iter(d.values()))["logprob"] for d in r.json()["choices"][0]["prompt_logprobs"][1:]]
     finally:

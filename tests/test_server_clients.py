@@ -32,8 +32,16 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def server(tiny_checkpoint, tmp_path_factory):
     ckpt = tiny_checkpoint("llama", DropeConfig(train_context=64, beta_coef=0.3), seed=8)
-    proc, base, log = launch_server(ckpt, tmp_path_factory.mktemp("clients"), "--served-model-name", "tiny",
-                                    "--max-num-seqs", "16", "--max-queue", "512")
+    proc, base, log = launch_server(
+        ckpt,
+        tmp_path_factory.mktemp("clients"),
+        "--served-model-name",
+        "tiny",
+        "--max-num-seqs",
+        "16",
+        "--max-queue",
+        "512",
+    )
     yield {"base": base, "proc": proc, "ckpt": ckpt, "log": log}
     proc.terminate()
     proc.wait(timeout=60)
@@ -66,8 +74,10 @@ metric_list: [{{metric: exact_match}}]
 
 
 def test_lm_eval_local_completions_batched(server, tmp_path):
-    rows = [{"question": f"Question {i}: which colour?", "choices": ["red", "green", "blue"], "answer": i % 3}
-            for i in range(6)]
+    rows = [
+        {"question": f"Question {i}: which colour?", "choices": ["red", "green", "blue"], "answer": i % 3}
+        for i in range(6)
+    ]
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     gen = tmp_path / "gen.jsonl"
@@ -76,13 +86,32 @@ def test_lm_eval_local_completions_batched(server, tmp_path):
         (tmp_path / f"{name}.yaml").write_text(spec.format(data=gen if name == "drope_gen" else data))
     before = scrape_metrics(server["base"])
     out = tmp_path / "out"
-    model_args = (f"model=tiny,base_url={server['base']}/v1/completions,tokenizer={server['ckpt']},"
-                  "tokenizer_backend=huggingface,tokenized_requests=True,max_retries=1")
+    model_args = (
+        f"model=tiny,base_url={server['base']}/v1/completions,tokenizer={server['ckpt']},"
+        "tokenizer_backend=huggingface,tokenized_requests=True,max_retries=1"
+    )
     r = subprocess.run(
-        [sys.executable, "-m", "lm_eval", "--model", "local-completions", "--model_args", model_args,
-         "--tasks", "drope_choice,drope_gen", "--include_path", str(tmp_path), "--batch_size", "4",
-         "--output_path", str(out)],
-        capture_output=True, text=True, timeout=600)
+        [
+            sys.executable,
+            "-m",
+            "lm_eval",
+            "--model",
+            "local-completions",
+            "--model_args",
+            model_args,
+            "--tasks",
+            "drope_choice,drope_gen",
+            "--include_path",
+            str(tmp_path),
+            "--batch_size",
+            "4",
+            "--output_path",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
     (results_file,) = out.rglob("results_*.json")
     results = json.loads(results_file.read_text())["results"]
@@ -103,8 +132,13 @@ async def _storm(base: str, n: int, hang_up: float, seed: int) -> list[int]:
 
     async def one(c: httpx.AsyncClient, i: int) -> int:
         leave_after = rng.randint(0, 3) if rng.random() < hang_up else None
-        body = {"model": "tiny", "prompt": f"request {i} " * rng.randint(1, 8), "max_tokens": 32,
-                "ignore_eos": True, "stream": True}
+        body = {
+            "model": "tiny",
+            "prompt": f"request {i} " * rng.randint(1, 8),
+            "max_tokens": 32,
+            "ignore_eos": True,
+            "stream": True,
+        }
         async with c.stream("POST", "/v1/completions", json=body) as r:
             seen = 0
             async for line in r.aiter_lines():

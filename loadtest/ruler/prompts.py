@@ -26,12 +26,12 @@ class Trial:
     """One prompt: token ids without the server's start tokens, ending with the answer prefix."""
 
     task: str
-    length: int          # L: prompt (with what the server adds) + budget
+    length: int  # L: prompt (with what the server adds) + budget
     depth: float | None  # NIAH: where the first asked needle sits, 0 (first) to 1 (last); None for other tasks
     seed: int
     prompt_ids: list[int]
     answer_prefix: str
-    refs: list[str]      # the answers the metric looks for
+    refs: list[str]  # the answers the metric looks for
 
     @property
     def budget(self) -> int:
@@ -48,8 +48,9 @@ class Builder:
     """Builds trials in the server's tokens. ``reserve``: tokens the server adds around ours (BOS, a chat template),
     taken from the haystack so the total stays L."""
 
-    def __init__(self, tok: ServerTokenizer, essay_text: str, qa_files: dict[str, str | None] | None = None,
-                 reserve: int = 0):
+    def __init__(
+        self, tok: ServerTokenizer, essay_text: str, qa_files: dict[str, str | None] | None = None, reserve: int = 0
+    ):
         self.tok = tok
         self.reserve = reserve
         self.sentences = haystack.essay_sentences(essay_text)
@@ -73,8 +74,9 @@ class Builder:
         if name == "cwe":
             return self._fit(name, length, seed, lambda n: self._cwe(n, length, random.Random(sub)), target)
         if name == "fwe":
-            return self._fit(name, length, seed, lambda n: self._fwe(n, target, random.Random(sub)), target,
-                             lo=target // 16)
+            return self._fit(
+                name, length, seed, lambda n: self._fwe(n, target, random.Random(sub)), target, lo=target // 16
+            )
         data = self._qa_data(name)
         return self._fit(name, length, seed, lambda n: qa.qa_prompt(data, n, random.Random(seed)), target, lo=1)
 
@@ -86,8 +88,9 @@ class Builder:
             return str(uuid.UUID(int=rng.getrandbits(128), version=4))
         return f"{rng.choice(tasks.ADJ)}-{rng.choice(tasks.NOUN)}"
 
-    def _niah(self, name: str, s: NiahSpec, target: int, length: int, depth: float, seed: int,
-              rng: random.Random) -> Trial:
+    def _niah(
+        self, name: str, s: NiahSpec, target: int, length: int, depth: float, seed: int, rng: random.Random
+    ) -> Trial:
         if not 0.0 <= depth <= 1.0:
             raise ValueError(f"depth must be in [0, 1], got {depth}")
         k = max(s.k, s.q)
@@ -107,8 +110,11 @@ class Builder:
         head, tail = template.format(type_needle_v=type_v, context="\0", query=query).split("\0")
         prefix = prefix.format(type_needle_v=type_v, query=query)
         # The asked needle first: it is the one placed at the requested depth.
-        needles = [tasks.NEEDLE.format(type_needle_v=s.value, key=keys[i], value=v)
-                   for i in sorted(range(k), key=lambda i: i != asked[0]) for v in values[i]]
+        needles = [
+            tasks.NEEDLE.format(type_needle_v=s.value, key=keys[i], value=v)
+            for i in sorted(range(k), key=lambda i: i != asked[0])
+            for v in values[i]
+        ]
         # The context starts on the template's new line: its first piece carries that "\n" in place of its
         # separator (the asked needle at depth 0, the haystack's first piece otherwise).
         sep = " " if s.haystack == "essay" else "\n"
@@ -129,8 +135,9 @@ class Builder:
         assert len(ids) == target, (len(ids), target)
         return Trial(name, length, depth, seed, ids, prefix, [v for i in asked for v in values[i]])
 
-    def _pieces(self, s: NiahSpec, sep: str, first_sep: str, rng: random.Random,
-                keys: Collection[str] = ()) -> Iterator[list[int]]:
+    def _pieces(
+        self, s: NiahSpec, sep: str, first_sep: str, rng: random.Random, keys: Collection[str] = ()
+    ) -> Iterator[list[int]]:
         """The haystack's pieces in order, each tokenised with its separator in front, without end (the essays
         start over after the last sentence, as RULER repeats them). Distractor needles never repeat a real key:
         with our 483 keys a repeat would give the asked key a second value; RULER's millions make it rare."""
@@ -195,8 +202,15 @@ class Builder:
         return Trial("vt", length, None, seed, ids, prefix, names)
 
     # --- cwe / fwe / qa: the most whole items that fit -----------------------------------
-    def _fit(self, name: str, length: int, seed: int, render: Callable[[int], tuple[str, str, list[str]]],
-             target: int, lo: int = 10) -> Trial:
+    def _fit(
+        self,
+        name: str,
+        length: int,
+        seed: int,
+        render: Callable[[int], tuple[str, str, list[str]]],
+        target: int,
+        lo: int = 10,
+    ) -> Trial:
         """Largest n whose rendered prompt fits ``target`` server tokens (RULER's binary search)."""
         best = None
         hi = max(lo * 2, target)  # every item costs at least one token
@@ -216,6 +230,7 @@ class Builder:
     def _cwe(self, n_words: int, length: int, rng: random.Random) -> tuple[str, str, list[str]]:
         """RULER's common_words_extraction: one solved example, then the list of 10 common words repeated 30
         times and the others 3 times (below 4K: 6 and 1, RULER's short-context counts)."""
+
         def example(n: int, common_reps: int, uncommon_reps: int) -> tuple[str, list[str]]:
             words = rng.sample(self.vocab, min(len(self.vocab), n))
             common, uncommon = words[:10], words[10:]
@@ -225,8 +240,12 @@ class Builder:
 
         shot, shot_answer = example(20, 3, 1) if length < 4096 else example(40, 10, 3)
         context, common = example(n_words, 6, 1) if length < 4096 else example(n_words, 30, 3)
-        solved = tasks.CWE_TEMPLATE.format(context=shot) + tasks.CWE_PREFIX + " " + " ".join(
-            f"{i + 1}. {w}" for i, w in enumerate(shot_answer))
+        solved = (
+            tasks.CWE_TEMPLATE.format(context=shot)
+            + tasks.CWE_PREFIX
+            + " "
+            + " ".join(f"{i + 1}. {w}" for i, w in enumerate(shot_answer))
+        )
         return solved + "\n" + tasks.CWE_TEMPLATE.format(context=context), tasks.CWE_PREFIX, common
 
     def _fwe(self, n_words: int, target: int, rng: random.Random) -> tuple[str, str, list[str]]:
@@ -249,7 +268,8 @@ class Builder:
         if name not in self._qa:
             path = self.qa_files.get(name)
             if not path:
-                raise ValueError(f"{name} needs {TASKS[name].data_flag}: a local copy in RULER's json format "
-                                 "(not fetched here)")
+                raise ValueError(
+                    f"{name} needs {TASKS[name].data_flag}: a local copy in RULER's json format (not fetched here)"
+                )
             self._qa[name] = qa.read_squad(path) if name == "qa_1" else qa.read_hotpotqa(path)
         return self._qa[name]

@@ -17,7 +17,7 @@ from .tasks import QA_PREFIX, QA_TEMPLATE
 class Question:
     query: str
     outputs: list[str]
-    gold: list[int]                                 # indices into QaData.docs
+    gold: list[int]  # indices into QaData.docs
     more: list[int] = field(default_factory=list)  # SQuAD: the same article's other paragraphs
 
 
@@ -32,9 +32,18 @@ def read_squad(path: str | Path) -> QaData:
     data = json.loads(Path(path).read_text())
     docs = sorted({p["context"] for d in data["data"] for p in d["paragraphs"]})
     idx = {c: i for i, c in enumerate(docs)}
-    questions = [Question(q["question"], [a["text"] for a in q["answers"]], [idx[p["context"]]],
-                          [idx[o["context"]] for o in d["paragraphs"] if o["context"] != p["context"]])
-                 for d in data["data"] for p in d["paragraphs"] for q in p["qas"] if not q.get("is_impossible")]
+    questions = [
+        Question(
+            q["question"],
+            [a["text"] for a in q["answers"]],
+            [idx[p["context"]]],
+            [idx[o["context"]] for o in d["paragraphs"] if o["context"] != p["context"]],
+        )
+        for d in data["data"]
+        for p in d["paragraphs"]
+        for q in p["qas"]
+        if not q.get("is_impossible")
+    ]
     return QaData(questions, docs)
 
 
@@ -43,8 +52,9 @@ def read_hotpotqa(path: str | Path) -> QaData:
     data = json.loads(Path(path).read_text())
     docs = sorted({f"{t}\n{''.join(p)}" for d in data for t, p in d["context"]})
     idx = {c: i for i, c in enumerate(docs)}
-    questions = [Question(d["question"], [d["answer"]], [idx[f"{t}\n{''.join(p)}"] for t, p in d["context"]])
-                 for d in data]
+    questions = [
+        Question(d["question"], [d["answer"]], [idx[f"{t}\n{''.join(p)}"] for t, p in d["context"]]) for d in data
+    ]
     return QaData(questions, docs)
 
 

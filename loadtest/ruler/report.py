@@ -71,7 +71,7 @@ def plot_lines(named: Named, out_dir: Path) -> Path:
         ax.set_title(name)
         ax.set_xlabel("context length (tokens)")
         ax.set_ylabel("score")
-    for ax in list(axes.flat)[len(tasks):]:
+    for ax in list(axes.flat)[len(tasks) :]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=7)
     fig.tight_layout()
@@ -84,7 +84,10 @@ def plot_lines(named: Named, out_dir: Path) -> Path:
 def format_table(named: Named) -> str:
     lines = ["", "=" * 20 + " loadtest.ruler " + "=" * 20]
     lines += [f"server {i}: {name}" for i, (name, _) in enumerate(named, 1)]
-    lines.append(f"{'task':<18}{'metric':<19}{'length':>7}" + "".join(f"{'score ' + str(i):>10}" for i in range(1, len(named) + 1)))
+    lines.append(
+        f"{'task':<18}{'metric':<19}{'length':>7}"
+        + "".join(f"{'score ' + str(i):>10}" for i in range(1, len(named) + 1))
+    )
     for name, ls in named[0][1].items():
         for L in sorted(ls):
             vals = [acc.get(name, {}).get(L, float("nan")) for _, acc in named]
@@ -93,13 +96,19 @@ def format_table(named: Named) -> str:
     return "\n".join(lines)
 
 
-def server_record(ep: Endpoint, rows: list[Result], acc: dict[str, dict[int, dict[Any, float]]],
-                  failed: int) -> dict[str, Any]:
+def server_record(
+    ep: Endpoint, rows: list[Result], acc: dict[str, dict[int, dict[Any, float]]], failed: int
+) -> dict[str, Any]:
     """One server's part of results.json: its card, RULER's per-task means, the depth cells (``acc``, from
     scoring.accuracy) and every trial."""
-    return {"base_url": ep.base_url, "card": ep.card, "by_length": by_length(rows), "failed_requests": failed,
-            "accuracy": {t: {str(L): {str(d): a for d, a in ds.items()} for L, ds in ls.items()} for t, ls in acc.items()},
-            "trials": [asdict(r) for r in rows]}
+    return {
+        "base_url": ep.base_url,
+        "card": ep.card,
+        "by_length": by_length(rows),
+        "failed_requests": failed,
+        "accuracy": {t: {str(L): {str(d): a for d, a in ds.items()} for L, ds in ls.items()} for t, ls in acc.items()},
+        "trials": [asdict(r) for r in rows],
+    }
 
 
 def export_jsonl(plan: Plan, path: Path) -> int:
@@ -109,9 +118,23 @@ def export_jsonl(plan: Plan, path: Path) -> int:
     with path.open("w") as f:
         for i, t in enumerate(plan.trials):
             user, prefix = split_answer_prefix(plan.tok.decode(t.prompt_ids), t)
-            f.write(json.dumps({"index": i, "task": t.task, "input": user, "outputs": t.refs,
-                                "length": plan.reserve + len(t.prompt_ids) + t.budget, "max_length": t.length,
-                                "answer_prefix": prefix, "gen_prefix": prefix.lstrip(" "),
-                                "tokens_to_generate": t.budget, "metric": TASKS[t.task].metric, "depth": t.depth,
-                                "seed": t.seed}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "index": i,
+                        "task": t.task,
+                        "input": user,
+                        "outputs": t.refs,
+                        "length": plan.reserve + len(t.prompt_ids) + t.budget,
+                        "max_length": t.length,
+                        "answer_prefix": prefix,
+                        "gen_prefix": prefix.lstrip(" "),
+                        "tokens_to_generate": t.budget,
+                        "metric": TASKS[t.task].metric,
+                        "depth": t.depth,
+                        "seed": t.seed,
+                    }
+                )
+                + "\n"
+            )
     return len(plan.trials)

@@ -57,22 +57,27 @@ class Plan:
     """Trials built once, in the tokens of the first server, for every server that runs them."""
 
     trials: list[Trial]
-    tok: ServerTokenizer   # the tokens the trials are in
+    tok: ServerTokenizer  # the tokens the trials are in
     endpoint: str
-    start: list[int]       # the server's start tokens (BOS): token-id prompts carry them as a text prompt gets them
-    reserve: int           # tokens the server adds around ours (start tokens or chat template), counted in L
+    start: list[int]  # the server's start tokens (BOS): token-id prompts carry them as a text prompt gets them
+    reserve: int  # tokens the server adds around ours (start tokens or chat template), counted in L
 
 
 def build_trials(builder: Builder, spec: Spec) -> list[Trial]:
     from tqdm.auto import tqdm
 
-    specs = [(name, L, spec.depths[k % len(spec.depths)] if TASKS[name].niah else None, spec.seed + k)
-             for name in spec.tasks for L in spec.lengths for k in range(spec.trials)]
+    specs = [
+        (name, L, spec.depths[k % len(spec.depths)] if TASKS[name].niah else None, spec.seed + k)
+        for name in spec.tasks
+        for L in spec.lengths
+        for k in range(spec.trials)
+    ]
     return [builder.build(*s) for s in tqdm(specs, desc="building prompts", unit="trial", file=sys.stderr)]
 
 
-def prepare(targets: list[Endpoint], spec: Spec, haystack: str | None = None,
-            qa_files: dict[str, str | None] | None = None) -> Plan:
+def prepare(
+    targets: list[Endpoint], spec: Spec, haystack: str | None = None, qa_files: dict[str, str | None] | None = None
+) -> Plan:
     """Check every server fits the longest L, build the trials in the first one's tokens. haystack: a directory
     of .txt essays (default: the Paul Graham essays); qa_files: {"qa_1": SQuAD json, "qa_2": HotpotQA json}."""
     from ..text import corpus_text
@@ -86,8 +91,10 @@ def prepare(targets: list[Endpoint], spec: Spec, haystack: str | None = None,
         for ep in targets[1:]:  # prompts go out as the first server's token ids
             other = ServerTokenizer(ep)
             if other.encode(probe) != tok.encode(probe) or other.start_tokens() != tok.start_tokens():
-                raise EndpointError(f"{ep.base_url} tokenises differently from {targets[0].base_url}: "
-                                    "--compare with --endpoint completions needs one tokenizer (use --endpoint chat)")
+                raise EndpointError(
+                    f"{ep.base_url} tokenises differently from {targets[0].base_url}: "
+                    "--compare with --endpoint completions needs one tokenizer (use --endpoint chat)"
+                )
     # What the server adds around our tokens is taken from the haystack, so prompt + budget is L:
     # the chat template (RULER's model_template_token), or the start tokens of a completion (BOS).
     start = tok.start_tokens() if spec.endpoint == "completions" else []
@@ -108,8 +115,11 @@ async def _send(ep: Endpoint, plan: Plan, concurrency: int, desc: str) -> list[R
             # The answer prefix opens the assistant turn, where RULER puts it after the model template. The ids
             # are decoded by the plan's tokenizer: they are in its tokens, whichever server this is.
             user, prefix = split_answer_prefix(plan.tok.decode(t.prompt_ids), t)
-            body.update(messages=[{"role": "user", "content": user}, {"role": "assistant", "content": prefix}],
-                        add_generation_prompt=False, continue_final_message=True)
+            body.update(
+                messages=[{"role": "user", "content": user}, {"role": "assistant", "content": prefix}],
+                add_generation_prompt=False,
+                continue_final_message=True,
+            )
             url = f"{ep.base_url}/chat/completions"
         else:
             body["prompt"] = plan.start + t.prompt_ids
@@ -124,8 +134,17 @@ async def _send(ep: Endpoint, plan: Plan, concurrency: int, desc: str) -> list[R
         choice = (data.get("choices") or [{}])[0]
         answer = (choice.get("text") if plan.endpoint != "chat" else (choice.get("message") or {}).get("content")) or ""
         bar.update(1)
-        return Result(t.task, t.length, t.depth, t.seed, t.refs, (data.get("usage") or {}).get("prompt_tokens"),
-                      answer, 0.0 if error else score(TASKS[t.task].metric, answer, t.refs), error)
+        return Result(
+            t.task,
+            t.length,
+            t.depth,
+            t.seed,
+            t.refs,
+            (data.get("usage") or {}).get("prompt_tokens"),
+            answer,
+            0.0 if error else score(TASKS[t.task].metric, answer, t.refs),
+            error,
+        )
 
     try:
         async with httpx.AsyncClient(timeout=httpx.Timeout(1800.0, connect=10.0)) as client:
@@ -139,8 +158,15 @@ def send(ep: Endpoint, plan: Plan, concurrency: int = 4, desc: str | None = None
     return asyncio.run(_send(ep, plan, concurrency, desc or ep.model))
 
 
-def run(base_url: str, spec: Spec, model: str | None = None, api_key: str | None = None, concurrency: int = 4,
-        haystack: str | None = None, qa_files: dict[str, str | None] | None = None) -> list[Result]:
+def run(
+    base_url: str,
+    spec: Spec,
+    model: str | None = None,
+    api_key: str | None = None,
+    concurrency: int = 4,
+    haystack: str | None = None,
+    qa_files: dict[str, str | None] | None = None,
+) -> list[Result]:
     """The whole RULER run against one server: one Result per trial, in build order."""
     ep = connect(base_url, model, api_key)
     return send(ep, prepare([ep], spec, haystack, qa_files), concurrency)
