@@ -11,15 +11,15 @@ import shutil
 
 import pytest
 import torch
-from conftest import vllm_engine
 from safetensors.torch import load_file, save_file
-from test_vllm_parity import assert_parity, prompt, reference_run, vllm_run
 from transformers import AutoModelForCausalLM
 
 from model_patches.config import DropeConfig, DropeConfigError
 from model_patches.convert import convert
 from model_patches.convert import main as convert_main
 from model_patches.reference import load_reference
+
+from helpers import assert_parity, prompt, reference_run, vllm_engine, vllm_run
 
 L = 64
 

@@ -19,11 +19,12 @@ import time
 
 import numpy as np
 import pytest
-from conftest import launch_server, scrape_metrics
 
 from loadtest import bench
 from loadtest.endpoint import EndpointError, connect
 from model_patches.config import DropeConfig
+
+from helpers import launch_server, scrape_metrics, stop_server
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +34,7 @@ def tiny_server(tiny_checkpoint, tmp_path_factory):
         ckpt, tmp_path_factory.mktemp("lt"), "--served-model-name", "tiny", "--max-model-len", "2048"
     )
     yield base, ckpt
-    proc.send_signal(signal.SIGTERM)
-    proc.wait(timeout=30)
+    stop_server(proc)
 
 
 def counter_deltas(before: dict, after: dict) -> dict[str, float]:

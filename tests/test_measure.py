@@ -2,8 +2,9 @@
 
 * engine perplexity (prompt_logprobs=0 windows from position 0) equals the transformers
   reference's to 1e-4 relative, fp32, Llama nope and Qwen2 qk_norm, beta on, past L_train;
-* c changed in place on a loaded engine equals a fresh engine built with that c, eager
-  and compiled (torch.compile, inductor on CPU), and TP=2 equals TP=1 through the CLI;
+* c changed in place on a loaded engine equals a fresh engine built with that c and the
+  reference past L_train, eager and compiled (torch.compile, inductor on CPU), and TP=2
+  equals TP=1 through the CLI;
 * fit_beta writes c *and* the mode it fitted in (a ``none`` checkpoint used to keep
   ``none``: its fitted c was never applied), keeps an interrupted sweep, refuses bad input
   before writing anything;
@@ -19,14 +20,16 @@ import os
 import subprocess
 import sys
 
+import httpx
 import pytest
-from conftest import KV_CACHE_BYTES, launch_server
 
 from model_patches.config import DropeConfig
 from model_patches.reference import load_reference, reference_window_nll
 from recalibration import evaluate, fit_beta
 from recalibration.engine import drope_overrides, engine, engine_namespace, set_beta
 from recalibration.perplexity import engine_nll, heldout_tokens_for, perplexity, windows
+
+from helpers import KV_CACHE_BYTES, launch_server, stop_server
 
 L = 64
 ENGINE = ["--dtype", "float32", "--kv-cache-memory-bytes", str(KV_CACHE_BYTES), "--seed", "0"]
@@ -91,11 +94,14 @@ def test_c_in_place_equals_a_fresh_engine(tiny_checkpoint, eager):
     fresh = nll_fresh(ckpt, 0.2, eager=eager)
     for g, w in zip(in_place[0.2], fresh, strict=True):
         assert abs(g - w) <= 1e-5 * abs(w), (g, w)
-    # c = 0 set in place (the multiply stays in the graph, by ones) equals the reference at c = 0
-    ref = reference_window_nll(load_reference(ckpt))
+    # Both equal the transformers reference past L_train (windows of 4 and 2 x L_train from position 0),
+    # beta on and, set in place to c = 0, off (the multiply stays in the graph, by ones).
     tokens = tokens_for(ckpt)
-    for g, w in zip(in_place[0.0], ref(windows(tokens, 4 * L, 2) + windows(tokens, 2 * L, 2)), strict=True):
-        assert abs(g - w) <= 1e-4 * abs(w), (g, w)
+    wins = windows(tokens, 4 * L, 2) + windows(tokens, 2 * L, 2)
+    for c in (0.2, 0.0):
+        want = reference_window_nll(load_reference(ckpt, drope_beta_coef=c))(wins)
+        for g, w in zip(in_place[c], want, strict=True):
+            assert abs(g - w) <= 1e-4 * abs(w), (c, g, w)
 
 
 FIT = ["--data", "builtin:essays", "--lengths", "2x,4x", "--windows", "2", *ENGINE]
@@ -219,7 +225,10 @@ def test_fit_beta_at_tp2_equals_tp1(tiny_checkpoint, tmp_path):
 
 
 def test_evaluate_on_the_engine_and_through_drope_server(tmp_path):
-    """Four rows on the engine; the same DroPE checkpoint measured through drope-server (--base-url) agrees."""
+    """Four rows on the engine; the same DroPE checkpoint measured through drope-server (--base-url) agrees.
+
+    The server runs with ``--beta-mode none`` (end to end: flag, hf_overrides, engine, /v1/models card), so
+    its row must be the engine's c = 0 row and not the c = 0.3 one the checkpoint states."""
     from model_patches.convert import convert
     from model_patches.tiny import build_tiny_checkpoint
 
@@ -236,15 +245,17 @@ def test_evaluate_on_the_engine_and_through_drope_server(tmp_path):
     assert ppl["RoPE + YaRN x4"]["256"] != ppl["RoPE"]["256"]  # the YaRN overrides reached the engine
     assert (ckpt / "evaluate" / "evaluate.png").exists()
 
-    proc, base, _ = launch_server(ckpt, tmp_path, "--max-model-len", str(4 * L + 1))
+    proc, base, _ = launch_server(ckpt, tmp_path, "--max-model-len", str(4 * L + 1), "--beta-mode", "none")
     try:
+        card = httpx.get(base + "/v1/models").json()["data"][0]["drope"]
+        assert (card["beta_mode"], card["beta_coef"]) == ("none", 0.3)
         out = tmp_path / "served"
         assert evaluate.main(["--base-url", base, "--tokenizer", str(ckpt), *common, "--out-dir", str(out)]) == 0
     finally:
-        proc.terminate()
-        proc.wait(timeout=90)
+        stop_server(proc)
     served = json.loads((out / "evaluate.json").read_text())
     assert served["train_context"] == L  # read from drope-server's /v1/models DroPE card
     (row,) = served["perplexity"].values()
-    for n, p in ppl["DroPE (c=0.3)"].items():
+    for n, p in ppl["DroPE (c=0)"].items():
         assert abs(row[n] / p - 1) <= 1e-4, (n, row[n], p)
+    assert abs(row["256"] / ppl["DroPE (c=0.3)"]["256"] - 1) > 1e-3

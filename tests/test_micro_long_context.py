@@ -22,11 +22,12 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import launch_server
 
 from loadtest.micro import EVAL_SEED_BASE, Task, accuracy, score_trials, trials
 from model_patches.assets import micro_dir
 from recalibration.engine import yarn_overrides
+
+from helpers import launch_server, stop_server
 
 pytestmark = pytest.mark.slow
 L_TRAIN, N = 128, 200
@@ -43,8 +44,7 @@ def score(tmp_path, ckpt, lengths, *args) -> list[dict]:
             r for L in lengths for r in score_trials(base, str(ckpt), trials(TASK, ids, L, 500, EVAL_SEED_BASE + L)[:N])
         ]
     finally:
-        proc.terminate()
-        proc.wait(timeout=90)
+        stop_server(proc)
 
 
 def test_drope_retrieves_past_l_train_where_rope_and_yarn_do_not(tmp_path):

@@ -28,10 +28,10 @@ import textwrap
 import httpx
 import pytest
 import torch
-from conftest import launch_server, vllm_engine
-from test_vllm_parity import prompt
 
 from model_patches.config import DropeConfig
+
+from helpers import launch_server, prompt, stop_server, vllm_engine
 
 pytestmark = pytest.mark.slow
 L = 64
@@ -122,8 +122,7 @@ def server_tp2(ckpt, prompts, tmp_path) -> list[dict]:
             assert "VLLM_CPU_OMP_THREADS_BIND='0|1'" in log.read()
         return out
     finally:
-        proc.terminate()
-        proc.wait(timeout=90)
+        stop_server(proc)
 
 
 def assert_same(got: list[dict], want: list[dict], what: str) -> None:

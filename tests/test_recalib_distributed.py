@@ -19,11 +19,12 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from conftest import launch_server
 from safetensors.torch import load_file
 
 from recalibration.config import DataConfig
 from recalibration.data import PackedTrainData
+
+from helpers import launch_server, stop_server
 
 ROOT = Path(__file__).resolve().parents[1]
 CRASH = os.path.join(os.path.dirname(__file__), "recalib_crash.py")
@@ -186,8 +187,7 @@ def test_two_ranks_split_the_data_and_follow_the_one_process_run(tmp_path, one_p
         )
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 8, r.text
     finally:
-        proc.terminate()
-        proc.wait(timeout=90)
+        stop_server(proc)
 
 
 @pytest.mark.slow

@@ -17,13 +17,14 @@ import sys
 
 import pytest
 import torch
-from conftest import vllm_engine
 from safetensors.torch import load_file
 
 from recalibration import fit_beta
 from recalibration.config import RecalibConfig, RecalibConfigError, preset
 from recalibration.data import check_data, pack
 from recalibration.run import main as run_main
+
+from helpers import vllm_engine
 
 FAST = ["--preset", "tiny", "--seq-len", "64", "--set", "micro_batch=2", "--set", "eval_every=0"]
 

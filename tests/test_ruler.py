@@ -13,11 +13,12 @@ import threading
 from http.server import ThreadingHTTPServer
 
 import pytest
-from fake_openai import BOS, Handler, chat
 
 from loadtest import ruler
 from loadtest.endpoint import ServerTokenizer, connect
 from loadtest.text import corpus_text
+
+from fake_openai import BOS, Handler, chat
 
 NIAH = list(ruler.NIAH_TASKS)
 NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."  # RULER's
@@ -483,9 +484,9 @@ def test_lm_eval_runs_our_ruler_prompts_against_the_server(tmp_path):
     """The README's lm-eval recipe, scaled down: `loadtest.ruler --export` writes the prompts, lm-eval's
     `local-completions` runs them as a generate_until task scored by lm-eval's own ruler code, against
     drope-server serving the real SmolLM2. lm-eval and loadtest.ruler must score every answer alike."""
-    from conftest import launch_server
-
     from model_patches.assets import smollm2_hf_dir
+
+    from helpers import launch_server, stop_server
 
     ckpt = smollm2_hf_dir()
     proc, base, _ = launch_server(
@@ -545,8 +546,7 @@ def test_lm_eval_runs_our_ruler_prompts_against_the_server(tmp_path):
         )
         assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
     finally:
-        proc.terminate()
-        proc.wait(timeout=60)
+        stop_server(proc)
     (samples_file,) = (tmp_path / "lm_eval").rglob("samples_drope_ruler_local_*.jsonl")
     samples = [json.loads(x) for x in samples_file.read_text().splitlines()]
     assert len(samples) == 12

@@ -22,9 +22,10 @@ import time
 import httpx
 import psutil
 import pytest
-from conftest import launch_server, scrape_metrics
 
 from model_patches.config import DropeConfig
+
+from helpers import launch_server, scrape_metrics, stop_server
 
 pytestmark = pytest.mark.slow
 
@@ -43,8 +44,7 @@ def server(tiny_checkpoint, tmp_path_factory):
         "512",
     )
     yield {"base": base, "proc": proc, "ckpt": ckpt, "log": log}
-    proc.terminate()
-    proc.wait(timeout=60)
+    stop_server(proc)
 
 
 TASKS = {
@@ -174,6 +174,7 @@ def test_storm_of_streams_with_random_disconnects(server):
     assert r.status_code == 200
 
 
+@pytest.mark.upstream
 def test_tokenising_a_huge_prompt_does_not_stall_other_streams(server):
     """vLLM tokenises in its renderer thread pool: a 2M-byte prompt must not freeze a running stream."""
     base = server["base"]

@@ -12,19 +12,23 @@ classes give: 8 x L_train, auto-fit to the KV cache, L_train pinned.
 from __future__ import annotations
 
 import json
+import pathlib
+import shlex
 import shutil
 import subprocess
 import sys
 import textwrap
 
+import httpx
 import pytest
-from conftest import vllm_engine
-from test_vllm_parity import prompt, vllm_run
 
 from model_patches.config import DropeConfig
+from model_patches.reference import load_reference
 from server.cli import build_parser
 from server.config import ALIASES, ServerConfigError, cpu_binding, options_from_args, parse_bytes
 from server.config import prepare as _prepare
+
+from helpers import launch_server, prompt, reference_run, stop_server, vllm_engine, vllm_run
 
 L = 64
 
@@ -235,7 +239,6 @@ def test_reference_server_and_engine_agree_on_l_train(tiny_checkpoint, tmp_path,
     """model_patches.config.train_context_of is the one rule; the transformers config class, drope-server's
     prepare() and the vLLM engine (through the plugin) all apply it, before a raised position limit."""
     from model_patches.config import read_config_json, train_context_of
-    from model_patches.reference import load_reference
 
     src = tiny_checkpoint("llama", DropeConfig(train_context=L, beta_coef=0.2), max_position_embeddings=2048)
     ckpt = src if stated else sakana_format(src, tmp_path / "sakana")
@@ -249,6 +252,48 @@ def test_reference_server_and_engine_agree_on_l_train(tiny_checkpoint, tmp_path,
         model = llm.llm_engine.model_executor.driver_worker.worker.model_runner.model
         found["engine"] = model.model.layers[0].self_attn.drope.train_context
     assert found == dict.fromkeys(found, L), found
+
+
+def readme_vllm_serve_line(needle: str) -> tuple[dict[str, str], list[str]]:
+    """The README's `vllm serve` command containing ``needle``: (its environment, its arguments after the model)."""
+    readme = (pathlib.Path(__file__).parent.parent / "README.md").read_text()
+    (line,) = [ln for ln in readme.splitlines() if "vllm serve ./ckpt" in ln and needle in ln]
+    words = shlex.split(line.split("#")[0])
+    env = dict(w.split("=", 1) for w in words[: words.index("vllm")])
+    assert words[words.index("vllm") + 1 : words.index("vllm") + 3] == ["serve", "./ckpt"], line
+    return env, words[words.index("vllm") + 3 :]
+
+
+def test_readmes_plain_vllm_serve_with_our_plugins_allowlisted(tiny_checkpoint, tmp_path):
+    """The README's `VLLM_PLUGINS=... vllm serve ./ckpt ...` line, run as written on a Sakana-format checkpoint
+    (through `python -m vllm.entrypoints.openai.api_server`, as the README says for the CPU build): all three
+    plugins load, and the DroPE model past L_train is the reference's."""
+    env, args = readme_vllm_serve_line("VLLM_PLUGINS=")
+    assert set(env["VLLM_PLUGINS"].split(",")) == {"drope", "drope_metrics", "drope_server"}
+    ckpt = sakana_format(tiny_checkpoint("llama", DropeConfig(train_context=L, beta_coef=0.3), seed=5), tmp_path / "c")
+    proc, base, log = launch_server(ckpt, tmp_path, *args, env=env, module="vllm.entrypoints.openai.api_server")
+    try:
+        card = httpx.get(base + "/v1/models").json()["data"][0]
+        assert card["max_model_len"] == 8 * L and card["drope"]["train_context"] == L  # drope + drope_server
+        ids = prompt(3 * L, seed=6)
+        r = httpx.post(
+            base + "/v1/completions",
+            json={"model": str(ckpt), "prompt": ids, "max_tokens": 12, "temperature": 0, "logprobs": 0}
+            | {"ignore_eos": True, "return_token_ids": True},
+            timeout=60,
+        )
+        assert r.status_code == 200, r.text
+        choice = r.json()["choices"][0]
+        _, toks, glp = reference_run(load_reference(ckpt), ids)
+        assert choice["token_ids"] == toks
+        assert max(abs(a - float(b)) for a, b in zip(choice["logprobs"]["token_logprobs"], glp, strict=True)) < 1e-4
+        assert httpx.get(base + "/nothing").json()["error"]["type"] == "not_found_error"  # our envelope
+        metrics = httpx.get(base + "/metrics").text
+        assert f"drope:extension_factor_sum {3 * L / L}" in metrics  # drope_metrics
+    finally:
+        stop_server(proc)
+    log.seek(0)
+    assert "admission limit 320 requests" in log.read()  # the line's --max-num-queued-reqs, left as given
 
 
 def test_without_vllm_the_entry_points_name_the_extra(tmp_path):

@@ -19,12 +19,12 @@ import sys
 import textwrap
 
 import pytest
-from conftest import vllm_engine
-from test_vllm_parity import assert_parity, reference_run, vllm_run
 
 from model_patches.assets import smollm2_hf_dir
 from model_patches.convert import convert
 from model_patches.reference import load_reference
+
+from helpers import assert_parity, reference_run, vllm_engine, vllm_run
 
 pytestmark = pytest.mark.slow
 

@@ -13,65 +13,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import vllm_engine
 from transformers import AutoModelForCausalLM
 
 from model_patches import reference  # noqa: F401  (registers the Auto classes)
 from model_patches.config import DropeConfig
 
+from helpers import TOL, assert_parity, prompt, reference_run, vllm_engine, vllm_run
+
 L_TRAIN = 64
-TOL = 1e-4
-N_NEW = 12
-
-
-def prompt(n_tokens: int, seed: int) -> list[int]:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 256, (n_tokens,), generator=g).tolist()
-
-
-def vllm_run(llm, prompts: list[list[int]], prompt_logprobs: bool = True):
-    """-> [(prompt logprobs [n-1], greedy tokens, greedy logprobs, cached tokens)]."""
-    from vllm import SamplingParams
-
-    # EOS ignored on both sides: parity is about the numbers, not about where each stops.
-    sp = SamplingParams(
-        max_tokens=N_NEW, temperature=0.0, logprobs=0, ignore_eos=True, prompt_logprobs=0 if prompt_logprobs else None
-    )
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
-    results = []
-    for p, o in zip(prompts, outs, strict=True):
-        plp = None
-        if prompt_logprobs:
-            plp = torch.tensor([d[t].logprob for d, t in zip(o.prompt_logprobs[1:], p[1:], strict=True)])
-        c = o.outputs[0]
-        glp = torch.tensor([d[t].logprob for d, t in zip(c.logprobs, c.token_ids, strict=True)])
-        results.append((plp, list(c.token_ids), glp, o.num_cached_tokens))
-    return results
-
-
-@torch.no_grad()
-def reference_run(model, ids: list[int]):
-    """Prompt logprobs from one forward; greedy continuation through the KV cache, EOS not special."""
-    x = torch.tensor([ids])
-    out = model(x, attention_mask=torch.ones_like(x), use_cache=True)
-    logp = out.logits[0].log_softmax(-1)
-    plp = logp[:-1].gather(-1, x[0, 1:, None])[:, 0]
-    toks, glp, past, last = [], [], out.past_key_values, logp[-1]
-    for _ in range(N_NEW):
-        t = int(last.argmax())
-        toks.append(t)
-        glp.append(last[t])
-        out = model(torch.tensor([[t]]), past_key_values=past, use_cache=True)
-        past, last = out.past_key_values, out.logits[0, -1].log_softmax(-1)
-    return plp, toks, torch.stack(glp)
-
-
-def assert_parity(got, want, what: str):
-    plp, toks, glp = want
-    if got[0] is not None:
-        torch.testing.assert_close(got[0], plp, atol=TOL, rtol=0, msg=lambda m: f"{what} prompt logprobs: {m}")
-    assert got[1] == toks, f"{what}: greedy tokens differ: vllm {got[1]} ref {toks}"
-    torch.testing.assert_close(got[2], glp, atol=TOL, rtol=0, msg=lambda m: f"{what} greedy logprobs: {m}")
 
 
 DROPE_CASES = [
